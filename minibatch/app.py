@@ -1,0 +1,209 @@
+"""`Minibatch`: composes the store, the runner and the deliverer behind the Python API.
+
+`async with mb:` starts the item loops and webhook delivery in one anyio task group;
+leaving it finishes or hands back in-flight work. `run_batch` is the sync facade.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import msgspec
+
+from . import models, signing
+from .config import make_settings
+from .delivery import Deliverer
+from .errors import InvalidInput
+from .handlers import Registry
+from .models import Batch, ItemError, Result
+from .runner import Runner
+from .store import Store, item_id, new_id
+
+DEFAULT_TENANT = "default"
+RESULTS_PAGE = 1000
+SHUTDOWN_GRACE_S = 10.0
+_decode = msgspec.json.decode
+
+
+class Minibatch:
+    """An embedded batch runner on one SQLite file.
+
+    `path` is the database file (":memory:" for tests); `options` are `Settings` fields
+    such as `lease_s`, `allow_private_webhooks` or `webhook_retry_schedule`.
+    """
+
+    def __init__(self, path: str = "minibatch.db", **options: Any) -> None:
+        self.settings = make_settings(db=path, **options)
+        self.store = Store(path, synchronous=self.settings.synchronous,
+                           webhook_schedule=self.settings.webhook_retry_schedule)
+        self.registry = Registry()
+        self.now: Callable[[], float] = time.time
+        self.runner: Runner | None = None
+        self.deliverer: Deliverer | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    # -- handlers and lifecycle ----------
+
+    def handler(self, kind: str, *, concurrency: int | None = None, timeout: float | None = None,
+                max_attempts: int | None = None) -> Callable:
+        """Register the decorated function (async, or sync to run in a thread) for `kind`."""
+        def register(fn: Callable) -> Callable:
+            self.registry.register(kind, fn, concurrency=concurrency, timeout=timeout,
+                                   max_attempts=max_attempts)
+            return fn
+        return register
+
+    async def __aenter__(self) -> Minibatch:
+        self._task_group = await anyio.create_task_group().__aenter__()
+        self.runner = Runner(self.store, self.registry, self.settings, self.now)
+        self.deliverer = Deliverer(self.store, self.settings, self.now)
+        await self.runner.run(self._task_group)
+        await self.deliverer.run(self._task_group)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._task_group is not None and self.runner is not None
+        with anyio.CancelScope(shield=True):
+            await self.runner.drain(SHUTDOWN_GRACE_S)
+            if self.deliverer is not None:
+                await self.deliverer.close()
+        self._task_group.cancel_scope.cancel()
+        try:
+            return await self._task_group.__aexit__(*exc_info)
+        finally:
+            self._task_group = self.runner = self.deliverer = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- the API ----------
+
+    async def submit(
+        self,
+        kind: str,
+        items: Iterable[Any] = (),
+        *,
+        webhook: dict | models.WebhookIn | None = None,
+        metadata: dict | None = None,
+        max_attempts: int | None = None,
+        item_timeout_s: float | None = None,
+        concurrency: int | None = None,
+        input_file_id: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+        idempotency: tuple | None = None,
+    ) -> Batch:
+        """Store a batch of `kind` and its items (dicts with `input`, optional `entry_id`,
+        `metadata`; any iterable, read lazily in chunks). Raises InvalidInput and writes
+        nothing when the kind, an item, the webhook or a limit is bad."""
+        handler = self.registry.require(kind)
+        hook = _webhook(webhook)
+        _check_positive(max_attempts=max_attempts, item_timeout_s=item_timeout_s,
+                        concurrency=concurrency)
+        row = self.store.batch_insert(
+            tenant=tenant, kind=kind, items=items, now=self.now(), metadata=metadata,
+            webhook=hook, max_attempts=max_attempts or handler.max_attempts
+            or self.settings.default_max_attempts, item_timeout_s=item_timeout_s,
+            concurrency=concurrency, input_file_id=input_file_id, idempotency=idempotency)
+        if self.runner is not None:
+            self.runner.notify(kind)
+        return self.store.batch_get(row.id)
+
+    async def get(self, batch_id: str, *, tenant: str | None = None) -> Batch:
+        return self.store.batch_get(batch_id, tenant)
+
+    async def wait(self, batch_id: str, *, timeout: float | None = None,
+                   poll_s: float = 0.05) -> Batch:
+        """Poll until the batch is terminal (or `timeout` passes: TimeoutError)."""
+        with anyio.fail_after(timeout):
+            while self.store.batch_status(batch_id) not in models.BATCH_TERMINAL:
+                await anyio.sleep(poll_s)
+        return self.store.batch_get(batch_id)
+
+    async def list_batches(self, status: str | None = None, limit: int = 100, *,
+                           after: str | None = None, tenant: str | None = None) -> list[Batch]:
+        """Batches, newest first."""
+        return self.store.batches_list(tenant, status=status, limit=limit, after=after)[0]
+
+    async def cancel(self, batch_id: str, *, tenant: str | None = None) -> Batch:
+        batch, seq = self.store.batch_cancel(batch_id, tenant, self.now())
+        if self.runner is not None:
+            self.runner.cancel_local(seq)
+        return batch
+
+    async def results(self, batch_id: str, *, tenant: str | None = None
+                      ) -> AsyncIterator[Result]:
+        """Terminal items in submission order, read a page at a time."""
+        async for rows in self.result_pages(batch_id, tenant=tenant):
+            for _, seq, entry_id, status, out, err, attempts in rows:
+                yield Result(id=item_id(seq), entry_id=entry_id, status=status,
+                             output=None if out is None else _decode(out),
+                             error=None if err is None else _decode(err, type=ItemError),
+                             attempts=attempts)
+
+    async def result_pages(self, batch_id: str, *, tenant: str | None = None
+                           ) -> AsyncIterator[list[tuple]]:
+        """Raw result rows, RESULTS_PAGE at a time (the HTTP API streams these)."""
+        seq = self.store.batch_seq(batch_id, tenant)
+        after = -1
+        while rows := self.store.results_page(seq, after, RESULTS_PAGE):
+            yield rows
+            after = rows[-1][0]
+            await anyio.sleep(0)  # let other tasks in between pages
+
+    def webhook_secret(self, tenant: str = DEFAULT_TENANT) -> str:
+        """The tenant's primary signing secret (`whsec_…`), created on first use."""
+        active = self.store.secrets_active(tenant, self.now())
+        if active:
+            return active[0][1]
+        secret = signing.new_secret()
+        self.store.secret_rotate(tenant, new_id("whsec"), secret, 0, self.now())
+        return secret
+
+    def asgi(self) -> Any:
+        """The Starlette app serving the HTTP API for this instance."""
+        from .api import create_app
+
+        return create_app(self)
+
+
+def _webhook(webhook: dict | models.WebhookIn | None) -> models.WebhookIn | None:
+    if webhook is None:
+        return None
+    if isinstance(webhook, dict):
+        try:
+            webhook = msgspec.convert(webhook, models.WebhookIn)
+        except msgspec.ValidationError as exc:
+            raise InvalidInput(f"webhook: {exc}", [{"field": "webhook", "message": str(exc)}]
+                               ) from None
+    parts = urlsplit(webhook.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput("webhook.url must be an http(s) URL with a host",
+                           [{"field": "webhook.url", "message": "not an http(s) URL"}])
+    return webhook
+
+
+def _check_positive(**limits: float | None) -> None:
+    for name, value in limits.items():
+        if value is not None and (isinstance(value, bool) or value <= 0):
+            raise InvalidInput(f"{name} must be > 0", [{"field": name, "message": "must be > 0"}])
+
+
+def run_batch(fn: Callable, items: Iterable[Any], *, kind: str = "job", db: str = ":memory:",
+              concurrency: int | None = None, timeout: float | None = None,
+              max_attempts: int | None = None, **options: Any) -> tuple[Batch, list[Result]]:
+    """Run `fn` over `items` to the end and return the batch and its results (sync)."""
+    async def main() -> tuple[Batch, list[Result]]:
+        mb = Minibatch(db, **options)
+        mb.handler(kind, concurrency=concurrency, timeout=timeout, max_attempts=max_attempts)(fn)
+        try:
+            async with mb:
+                batch = await mb.submit(kind, items)
+                batch = await mb.wait(batch.id)
+                return batch, [r async for r in mb.results(batch.id)]
+        finally:
+            mb.close()
+    return anyio.run(main)

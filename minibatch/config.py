@@ -1,0 +1,85 @@
+"""One frozen `Settings` Struct: the defaults, and their three doors.
+
+`Minibatch(**kwargs)`, CLI flags and `MINIBATCH_*` environment variables all set these
+same fields; defaults live only here. Values are checked once, with messages that name
+the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import InvalidInput
+
+ENV_PREFIX = "MINIBATCH_"
+
+# Svix's schedule: seconds to wait before each attempt; its length is the attempt count.
+DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    db: str = "minibatch.db"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    handlers: str | None = None
+    synchronous: Literal["normal", "full"] = "normal"
+    # Items
+    lease_s: float = 30.0
+    claim_size: int = 100
+    poll_interval_s: float = 0.2
+    default_max_attempts: int = 3
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 60.0
+    # Webhooks
+    allow_private_webhooks: bool = False
+    webhook_retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    webhook_timeout_s: float = 15.0
+    webhook_concurrency: int = 50
+    webhook_per_host: int = 20
+    # HTTP
+    max_json_bytes: int = 10 * 1024 * 1024
+    max_file_bytes: int = 100 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        positive = ("lease_s", "claim_size", "poll_interval_s", "default_max_attempts",
+                    "webhook_timeout_s", "webhook_concurrency", "webhook_per_host",
+                    "max_json_bytes", "max_file_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"setting {name} must be > 0, got {getattr(self, name)}")
+        if not self.webhook_retry_schedule or min(self.webhook_retry_schedule) < 0:
+            raise InvalidInput("setting webhook_retry_schedule needs at least one delay >= 0")
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """`"0,5,300"` -> (0.0, 5.0, 300.0): seconds before each attempt."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidInput(
+            f"webhook_retry_schedule: not a comma-separated list of seconds: {text!r}") from None
+
+
+def make_settings(**options: Any) -> Settings:
+    """Build Settings from keyword options, naming any unknown or mistyped one."""
+    if isinstance(options.get("webhook_retry_schedule"), str):
+        options["webhook_retry_schedule"] = parse_schedule(options["webhook_retry_schedule"])
+    try:
+        return msgspec.convert(options, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"invalid setting: {exc}") from None
+
+
+def env_options(environ: os._Environ | dict[str, str] | None = None) -> dict[str, str]:
+    """The `MINIBATCH_*` variables that name a Settings field, keyed by field name."""
+    environ = os.environ if environ is None else environ
+    fields = set(Settings.__struct_fields__)
+    out = {}
+    for key, value in environ.items():
+        name = key[len(ENV_PREFIX):].lower() if key.startswith(ENV_PREFIX) else None
+        if name in fields:
+            out[name] = value
+    return out

@@ -1,0 +1,267 @@
+"""Webhook delivery: send each due delivery's frozen bytes, record the attempt, schedule
+the next one; and the destination guard that refuses private addresses.
+
+Runs beside the item loops in the same task group but shares nothing with them except
+the database, so a slow or dead receiver never slows items. Attempts are written in
+groups by the recorder, as the completer writes item outcomes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+
+from . import signing
+from .config import Settings
+from .errors import StorageUnavailable
+from .store import Store
+
+log = logging.getLogger("minibatch.delivery")
+RESPONSE_READ_LIMIT = 64 * 1024
+RESPONSE_STORE_LIMIT = 1024
+RETRY_AFTER_CAP_S = 24 * 3600.0
+LEASE_MARGIN_S = 30.0
+
+# IPv6 prefixes whose addresses embed an IPv4 address in their last 32 bits.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+class BlockedDestination(Exception):
+    pass
+
+
+def blocked_reason(address: str) -> str | None:
+    """Why this address may not receive webhooks, or None if it may."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or (ip.sixtofour) or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and (ip in _NAT64 or (ip in _V4_COMPATIBLE and int(ip) > 1)):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and blocked_reason(str(embedded)):
+            return f"{ip} embeds the refused IPv4 address {embedded}"
+    if ip.is_multicast or not ip.is_global:
+        return f"{ip} is not a public address"
+    if isinstance(ip, ipaddress.IPv4Address) and ip.packed[0] in (0, 255):
+        return f"{ip} is a reserved address"
+    return None
+
+
+class GuardedResolver(aiohttp.abc.AbstractResolver):
+    """Resolves a host and keeps only allowed addresses: aiohttp then connects to exactly
+    those, so a second DNS answer cannot swap in a private address."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+        answers = await self._inner.resolve(host, port, family)
+        allowed = [a for a in answers if blocked_reason(a["host"]) is None]
+        if not allowed:
+            raise BlockedDestination(
+                f"{host} resolves only to refused addresses:"
+                f" {', '.join(sorted({a['host'] for a in answers}))}")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class AttemptRecord(NamedTuple):
+    seq: int
+    attempt_number: int
+    is_automatic: bool
+    status_code: int | None
+    response_body: str | None
+    response_time_ms: int
+    error: str | None
+    secret_id: str | None
+    now: float
+    next_attempt_at: float | None
+    failure: str | None
+    gone: bool
+
+
+def retry_after_s(value: str | None, now: float) -> float:
+    """Seconds a `Retry-After` header asks for (delta-seconds or HTTP-date), capped at 24 h."""
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError):
+            return 0.0
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def next_delay(schedule: tuple[float, ...], attempt_number: int, retry_after: float) -> float:
+    """Wait before attempt `attempt_number + 1`: the schedule with +-20 % jitter, never
+    shorter than what the receiver asked for."""
+    return max(schedule[attempt_number] * random.uniform(0.8, 1.2), retry_after)
+
+
+class Deliverer:
+    def __init__(self, store: Store, settings: Settings, now: Callable[[], float]) -> None:
+        self.store = store
+        self.settings = settings
+        self.now = now
+        self.in_flight = 0
+        self.records: list[AttemptRecord] = []
+        self.record_ready = anyio.Event()
+        self.slot_free = anyio.Event()
+        self.session: aiohttp.ClientSession | None = None
+
+    async def run(self, task_group: anyio.abc.TaskGroup) -> None:
+        s = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=s.webhook_concurrency, limit_per_host=s.webhook_per_host,
+            resolver=None if s.allow_private_webhooks else GuardedResolver())
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=s.webhook_timeout_s),
+            auto_decompress=False, skip_auto_headers=("User-Agent",))
+        self._task_group = task_group
+        task_group.start_soon(self.claimer)
+        task_group.start_soon(self.recorder)
+
+    async def close(self) -> None:
+        with anyio.move_on_after(2):
+            while self.in_flight:
+                await anyio.sleep(0.01)
+        self._flush()
+        if self.session is not None:
+            await self.session.close()
+
+    # -- claimer ----------
+
+    async def claimer(self) -> None:
+        while True:
+            try:
+                started = self.deliver_once()
+            except StorageUnavailable:
+                await anyio.sleep(1.0)
+                continue
+            if self.in_flight >= self.settings.webhook_concurrency:
+                await self.slot_free.wait()
+                self.slot_free = anyio.Event()
+            elif not started:
+                await anyio.sleep(self.settings.poll_interval_s / 2)
+
+    def deliver_once(self) -> int:
+        """Claim due deliveries for the free slots and start sending them."""
+        room = self.settings.webhook_concurrency - self.in_flight
+        if room <= 0:
+            return 0
+        lease = self.settings.webhook_timeout_s + LEASE_MARGIN_S
+        due = self.store.deliveries_claim(self.now(), room, lease)
+        secrets_by_tenant: dict[str, list[tuple[str, str]]] = {}
+        for row in due:
+            tenant = row[2]
+            if tenant not in secrets_by_tenant:
+                secrets_by_tenant[tenant] = self.store.secrets_active(tenant, self.now())
+            self.in_flight += 1
+            self._task_group.start_soon(self._send, row, secrets_by_tenant[tenant])
+        return len(due)
+
+    # -- one attempt ----------
+
+    async def _send(self, row: tuple, secrets: list[tuple[str, str]]) -> None:
+        seq, msg_id, _tenant, url, payload, attempt_count, max_attempts, _batch, automatic = row
+        attempt = attempt_count + 1
+        started = time.perf_counter()
+        status = body = error = retry_after = None
+        failure = None
+        try:
+            status, body, retry_after, error, failure = await self._post(
+                url, msg_id, payload, [signing.secret_key(s) for _, s in secrets])
+        finally:
+            self.in_flight -= 1
+            self.slot_free.set()
+        now = self.now()
+        elapsed = int((time.perf_counter() - started) * 1000)
+        gone = status == 410
+        if gone:
+            failure = "endpoint_gone"
+        final = failure in ("blocked_destination", "endpoint_gone") or attempt >= max_attempts
+        next_at = None
+        if failure is not None and not final:
+            next_at = now + next_delay(self.settings.webhook_retry_schedule, attempt,
+                                       retry_after_s(retry_after, now))
+        self.records.append(AttemptRecord(
+            seq, attempt, bool(automatic), status, body, elapsed, error,
+            secrets[0][0] if secrets else None, now, next_at, failure, gone))
+        self.record_ready.set()
+
+    async def _post(self, url: str, msg_id: str, payload: bytes, keys: list[bytes]
+                    ) -> tuple[int | None, str | None, str | None, str | None, str | None]:
+        """POST once: (status, body, retry_after, error, failure_reason_code or None)."""
+        assert self.session is not None
+        if not self.settings.allow_private_webhooks:
+            reason = _literal_blocked(url)
+            if reason:
+                return None, None, None, reason, "blocked_destination"
+        headers = signing.headers(keys, msg_id, int(self.now()), payload)
+        try:
+            async with self.session.post(url, data=payload, headers=headers,
+                                         allow_redirects=False) as resp:
+                raw = await resp.content.read(RESPONSE_READ_LIMIT)
+                body = raw[:RESPONSE_STORE_LIMIT].decode("utf-8", "replace")
+                if 200 <= resp.status < 300:
+                    return resp.status, body, None, None, None
+                return (resp.status, body, resp.headers.get("Retry-After"),
+                        f"HTTP {resp.status}", "http_status")
+        except BlockedDestination as exc:
+            return None, None, None, str(exc), "blocked_destination"
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return None, None, None, f"no response within {self.settings.webhook_timeout_s} s", \
+                "timeout"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, BlockedDestination):
+                return None, None, None, str(cause), "blocked_destination"
+            return None, None, None, f"{type(exc).__name__}: {exc}"[:500], "connection_error"
+
+    # -- recorder ----------
+
+    async def recorder(self) -> None:
+        while True:
+            await self.record_ready.wait()
+            self.record_ready = anyio.Event()
+            try:
+                self._flush()
+            except StorageUnavailable:
+                self.record_ready.set()
+                await anyio.sleep(1.0)
+
+    def _flush(self) -> None:
+        if self.records:
+            records, self.records = self.records, []
+            try:
+                self.store.deliveries_record(records)
+            except BaseException:
+                self.records[:0] = records
+                raise
+
+
+def _literal_blocked(url: str) -> str | None:
+    """aiohttp skips the resolver for IP literals, so those are checked here."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+    reason = blocked_reason(host)
+    return f"refused destination: {reason}" if reason else None
+
+

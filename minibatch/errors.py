@@ -1,0 +1,84 @@
+"""Errors minibatch raises, and the two signals a handler may raise.
+
+Each `MinibatchError` carries its HTTP status and problem `type`, so the API renders
+them all with one handler. `Retry` and `Fail` are a handler speaking, not minibatch
+failing, so they stand outside that family. Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+
+class MinibatchError(Exception):
+    """Base of every error minibatch raises on purpose."""
+
+    status = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str, errors: list[dict] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+    @property
+    def type(self) -> str:
+        return "https://minibatch.dev/problems/" + self.title.lower().replace(" ", "-")
+
+
+class InvalidInput(MinibatchError):
+    """The request or submission is malformed; `errors` names each field or line."""
+
+    status = 422
+    title = "Invalid input"
+
+
+class BadRequest(MinibatchError):
+    status = 400
+    title = "Bad request"
+
+
+class NotFound(MinibatchError):
+    status = 404
+    title = "Not found"
+
+
+class Conflict(MinibatchError):
+    status = 409
+    title = "Conflict"
+
+
+class Unauthorized(MinibatchError):
+    status = 401
+    title = "Unauthorized"
+
+
+class PayloadTooLarge(MinibatchError):
+    status = 413
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(MinibatchError):
+    status = 415
+    title = "Unsupported media type"
+
+
+class StorageUnavailable(MinibatchError):
+    """The database cannot be written (disk full, I/O error, read-only)."""
+
+    status = 503
+    title = "Storage unavailable"
+
+
+class Retry(Exception):
+    """Raised by a handler: try this item again after `after` seconds."""
+
+    def __init__(self, after: float | None = None, message: str = "retry requested") -> None:
+        super().__init__(message)
+        self.after = after
+
+
+class Fail(Exception):
+    """Raised by a handler: fail this item now, with no further attempts."""
+
+    def __init__(self, message: str = "failed by handler", code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code

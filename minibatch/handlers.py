@@ -1,0 +1,117 @@
+"""The handler registry, and the one place that turns how a handler ended into an outcome.
+
+Async handlers are awaited on the event loop; sync ones run in worker threads bounded by
+the kind's concurrency. `run_attempt` is the only code that catches what a handler raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+
+from . import models
+from .errors import Fail, InvalidInput, Retry
+from .store import Claimed, Outcome, error_bytes
+
+DEFAULT_ASYNC_CONCURRENCY = 16
+DEFAULT_SYNC_CONCURRENCY = 4
+
+
+class Handler:
+    """A registered kind: the callable and its limits."""
+
+    __slots__ = ("concurrency", "fn", "is_async", "kind", "limiter", "max_attempts", "timeout")
+
+    def __init__(self, kind: str, fn: Callable[..., Any], *, concurrency: int | None,
+                 timeout: float | None, max_attempts: int | None) -> None:
+        self.kind = kind
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        default = DEFAULT_ASYNC_CONCURRENCY if self.is_async else DEFAULT_SYNC_CONCURRENCY
+        self.concurrency = concurrency or default
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        # Sync handlers get their own thread limiter, so one kind cannot starve another.
+        self.limiter = None if self.is_async else anyio.CapacityLimiter(self.concurrency)
+        if self.concurrency < 1 or (timeout is not None and timeout <= 0) or (
+                max_attempts is not None and max_attempts < 1):
+            raise InvalidInput(f"handler {kind!r}: concurrency, timeout and max_attempts must be"
+                               " positive")
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+
+    def register(self, kind: str, fn: Callable[..., Any], **limits: Any) -> Handler:
+        handler = Handler(kind, fn, **limits)
+        self.handlers[kind] = handler
+        return handler
+
+    def get(self, kind: str) -> Handler | None:
+        return self.handlers.get(kind)
+
+    def require(self, kind: str) -> Handler:
+        handler = self.handlers.get(kind)
+        if handler is None:
+            raise InvalidInput(
+                f"unknown kind {kind!r}: this instance has handlers for"
+                f" {sorted(self.handlers) or 'none'}",
+                [{"field": "kind", "message": "no handler for this kind"}])
+        return handler
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """About `base` seconds, doubling per attempt, capped, with +-20 % jitter."""
+    return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+
+
+async def run_attempt(handler: Handler, claimed: Claimed, scope: anyio.CancelScope,
+                      is_cancelled: Callable[[int], bool], now: Callable[[], float],
+                      backoff_s: tuple[float, float]) -> Outcome:
+    """Run one attempt of one item and decide its outcome; never raises for the handler."""
+    item = claimed.item
+    try:
+        with scope:
+            if handler.is_async:
+                value = await handler.fn(item)
+            else:
+                value = await anyio.to_thread.run_sync(handler.fn, item,
+                                                       limiter=handler.limiter)
+        if is_cancelled(claimed.batch_seq) and (scope.cancelled_caught or not handler.is_async):
+            return _end(claimed, "cancelled", None, None)
+        if scope.cancelled_caught or scope.deadline < anyio.current_time():
+            return _failed(claimed, "timeout", "the attempt ran past its timeout",
+                           backoff(item.attempt, *backoff_s), now)
+        try:
+            output = models.encoder.encode(value)
+        except (TypeError, msgspec.EncodeError) as exc:
+            return _end(claimed, "failed", None,
+                        error_bytes("output_not_json", f"handler returned {exc}"))
+        return _end(claimed, "succeeded", output, None)
+    except Fail as exc:
+        return _end(claimed, "failed", None, error_bytes(exc.code, str(exc)))
+    except Retry as exc:
+        delay = exc.after if exc.after is not None else backoff(item.attempt, *backoff_s)
+        return _failed(claimed, "retry", str(exc), delay, now)
+    except Exception as exc:  # a handler's bug is the item's failure, never the runner's
+        return _failed(claimed, "exception", f"{type(exc).__name__}: {exc}",
+                       backoff(item.attempt, *backoff_s), now)
+
+
+def _end(c: Claimed, status: str, output: bytes | None, error: bytes | None) -> Outcome:
+    return Outcome(c.seq, c.batch_seq, c.item.attempt, status, output, error, 0.0)
+
+
+def _failed(c: Claimed, code: str, message: str, delay: float,
+            now: Callable[[], float]) -> Outcome:
+    """A failed attempt: queued again after `delay` while attempts are left."""
+    error = error_bytes(code, message)
+    if c.item.attempt >= c.max_attempts:
+        return _end(c, "failed", None, error)
+    return Outcome(c.seq, c.batch_seq, c.item.attempt, "queued", None, error, now() + delay)

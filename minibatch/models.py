@@ -1,0 +1,253 @@
+"""Every msgspec Struct minibatch speaks, the state names, and the shared codecs.
+
+The same Struct is what the store returns, what the Python API hands back, what the
+HTTP API encodes, what the OpenAPI document describes and what a webhook carries.
+
+Item states:   queued -> running -> succeeded | failed | cancelled
+               (a failed attempt with attempts left goes back to queued, later)
+Batch states:  queued -> running -> completed | failed
+                   \\--------\\----> cancelling -> cancelled
+A terminal state never changes again.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+ItemStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+BatchStatus = Literal["queued", "running", "completed", "failed", "cancelling", "cancelled"]
+DeliveryStatus = Literal["pending", "succeeded", "failed"]
+EventType = Literal[
+    "batch.completed", "batch.failed", "batch.cancelled", "item.succeeded", "item.failed"
+]
+
+ITEM_TERMINAL = ("succeeded", "failed", "cancelled")
+BATCH_TERMINAL = ("completed", "failed", "cancelled")
+BATCH_EVENTS: tuple[str, ...] = ("batch.completed", "batch.failed", "batch.cancelled")
+
+encoder = msgspec.json.Encoder()
+
+
+def to_datetime(ts: float | None) -> datetime | None:
+    """Unix seconds as stored -> an aware UTC datetime (encoded as RFC 3339 `…Z`)."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+class ItemError(Struct):
+    code: str
+    message: str
+
+
+class Metrics(Struct):
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+class WebhookInfo(Struct):
+    url: str
+    events: list[EventType]
+    signing_enabled: bool = True
+
+
+class DeliverySummary(Struct):
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    pending: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+    last_attempt_at: datetime | None = None
+
+
+class FailedWebhook(Struct):
+    delivery_id: str
+    event: str
+    attempt_count: int
+    http_status: int | None
+    error_message: str | None
+    created_at: datetime
+
+
+class Batch(Struct, kw_only=True):
+    id: str
+    object: Literal["batch"] = "batch"
+    kind: str
+    status: BatchStatus
+    metrics: Metrics
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration_ms: int | None = None
+    metadata: dict[str, Any] = {}
+    polling_url: str
+    cancel_url: str | None
+    results_url: str
+    webhook: WebhookInfo | None = None
+    # Left out of webhook payloads (UNSET fields are not encoded).
+    deliveries: DeliverySummary | UnsetType = UNSET
+    failed_webhooks: list[FailedWebhook] | UnsetType = UNSET
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in BATCH_TERMINAL
+
+
+class Item(Struct, kw_only=True):
+    """What a handler receives: one unit of work."""
+
+    id: str
+    batch_id: str
+    entry_id: str | None
+    index: int
+    input: Any
+    metadata: dict[str, Any] | None
+    attempt: int
+
+
+class ItemRecord(Struct, kw_only=True):
+    """An item as `GET /v1/batches/{id}/items` and item webhooks show it."""
+
+    id: str
+    object: Literal["item"] = "item"
+    batch_id: str
+    entry_id: str | None
+    index: int
+    status: ItemStatus
+    input: Any
+    output: Any = None
+    error: ItemError | None = None
+    attempts: int
+    metadata: dict[str, Any] | None = None
+
+
+class Result(Struct, kw_only=True):
+    """One line of a batch's results: a terminal item."""
+
+    id: str
+    entry_id: str | None
+    status: ItemStatus
+    output: Any = None
+    error: ItemError | None = None
+    attempts: int
+
+
+class Attempt(Struct, kw_only=True):
+    attempt_number: int
+    status_code: int | None
+    response_body: str | None
+    response_time_ms: int
+    error_message: str | None
+    is_automatic: bool
+    created_at: datetime
+
+
+class Delivery(Struct, kw_only=True):
+    id: str
+    batch_id: str
+    event: str
+    url: str
+    payload_bytes: str
+    status: DeliveryStatus
+    is_automatic: bool
+    signing_secret_id: str | None
+    attempt_count: int
+    max_attempts: int
+    next_attempt_at: datetime | None
+    failure_reason_code: str | None
+    failure_detail: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    attempts: list[Attempt] = []
+
+
+class Event(Struct):
+    """A webhook body: encoded once when the event happens, then stored as bytes."""
+
+    type: str
+    timestamp: datetime
+    data: Any
+
+
+class FileObject(Struct, kw_only=True):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    lines: int
+    filename: str | None
+    created_at: datetime
+
+
+# Request bodies: unknown fields are refused at any depth.
+
+
+class ItemIn(Struct, forbid_unknown_fields=True):
+    input: Any
+    entry_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class WebhookIn(Struct, forbid_unknown_fields=True):
+    url: str
+    events: list[EventType] | None = None
+
+
+class BatchCreate(Struct, forbid_unknown_fields=True, kw_only=True):
+    kind: str
+    items: list[ItemIn] | None = None
+    input_file_id: str | None = None
+    webhook: WebhookIn | None = None
+    metadata: dict[str, Any] | None = None
+    max_attempts: int | None = None
+    item_timeout_s: float | None = None
+    concurrency: int | None = None
+
+
+class RotateSecret(Struct, forbid_unknown_fields=True):
+    overlap_s: float = 86400.0
+
+
+class SecretRotated(Struct):
+    secret_id: str
+    webhook_secret: str
+    previous_secret_id: str | None
+    previous_expires_at: datetime | None
+
+
+class BatchPage(Struct):
+    data: list[Batch]
+    has_more: bool
+    next_cursor: str | None
+
+
+class ItemPage(Struct):
+    data: list[ItemRecord]
+    has_more: bool
+    next_cursor: str | None
+
+
+class DeliveryList(Struct):
+    data: list[Delivery]
+
+
+class FieldError(Struct, omit_defaults=True):
+    message: str
+    field: str | None = None
+    line: int | None = None
+
+
+class Problem(Struct, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] = []

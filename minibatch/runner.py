@@ -1,0 +1,232 @@
+"""The item loops: claimer (one per kind, sized to free slots), workers, completer,
+heartbeat and rescuer.
+
+Items flow claimer -> per-kind deque -> worker tasks -> outcome list -> completer, which
+writes outcomes in groups, one transaction per group. No loop touches SQL directly; each
+calls one store method per pass. Each loop is a thin `while` around a `..._once()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import os
+import secrets
+import socket
+from collections.abc import Callable
+
+import anyio
+
+from .config import Settings
+from .errors import StorageUnavailable
+from .handlers import Handler, Registry, run_attempt
+from .store import Claimed, Outcome, Store
+
+log = logging.getLogger("minibatch.runner")
+STORAGE_RETRY_S = 1.0
+
+
+class KindPool:
+    """The in-process side of one kind: claimed items waiting for a worker."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.ready: collections.deque[Claimed] = collections.deque()
+        self.in_flight = 0  # claimed and not yet finished
+        self.work = anyio.Event()  # set when `ready` gains items
+        self.slot_free = anyio.Event()  # set when in_flight drops
+        self.wake = anyio.Event()  # set when new items may be due (a submit)
+
+    @property
+    def free(self) -> int:
+        return self.handler.concurrency - self.in_flight
+
+
+class Runner:
+    def __init__(self, store: Store, registry: Registry, settings: Settings,
+                 now: Callable[[], float]) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.now = now
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.pools: dict[str, KindPool] = {}
+        self.outcomes: list[Outcome] = []
+        self.outcome_ready = anyio.Event()
+        self.scopes: dict[int, tuple[int, anyio.CancelScope]] = {}
+        self.cancelled: set[int] = set()
+        self.stopping = False
+        self._backoff = (settings.retry_base_s, settings.retry_cap_s)
+
+    # -- start and stop ----------
+
+    def recover(self) -> None:
+        """At start-up: take back the items of dead processes, fail kinds with no handler."""
+        now = self.now()
+        host = socket.gethostname()
+        for owner in self.store.lease_owners():
+            owner_host, _, rest = owner.partition(":")
+            pid = int(rest.partition(":")[0] or 0)
+            if owner_host == host and pid != os.getpid() and not _pid_alive(pid):
+                self.store.leases_expire(owner)
+        self.store.items_rescue(now)
+        self.store.batches_fail_unknown_kinds(self.registry.handlers, now)
+
+    async def run(self, task_group: anyio.abc.TaskGroup) -> None:
+        self.recover()
+        for handler in self.registry.handlers.values():
+            pool = self.pools[handler.kind] = KindPool(handler)
+            task_group.start_soon(self.claimer, pool)
+            for _ in range(handler.concurrency):
+                task_group.start_soon(self.worker, pool)
+        task_group.start_soon(self.completer)
+        task_group.start_soon(self.heartbeat)
+        task_group.start_soon(self.rescuer)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop claiming, let running items finish for up to `grace_s`, write every
+        outcome, then hand what is still running back to the queue."""
+        self.stopping = True
+        for pool in self.pools.values():
+            pool.wake.set()
+        with anyio.move_on_after(grace_s):
+            while any(p.in_flight for p in self.pools.values()):
+                await anyio.sleep(0.01)
+        self._flush_until_written()
+        self.store.items_release(self.owner, self.now())
+
+    def _flush_until_written(self) -> None:
+        try:
+            self.complete_once()
+        except StorageUnavailable:
+            log.warning("could not write %d outcomes at shutdown; their items run again",
+                        len(self.outcomes))
+
+    def notify(self, kind: str) -> None:
+        """New items of `kind` may be due now (called after a submit)."""
+        pool = self.pools.get(kind)
+        if pool is not None:
+            pool.wake.set()
+
+    def cancel_local(self, batch_seq: int) -> None:
+        """Interrupt this process's running items of a cancelled batch."""
+        self.cancelled.add(batch_seq)
+        for b, scope in list(self.scopes.values()):
+            if b == batch_seq:
+                scope.cancel()
+
+    # -- claimer and workers ----------
+
+    async def claimer(self, pool: KindPool) -> None:
+        while not self.stopping:
+            try:
+                claimed = self.claim_once(pool)
+            except StorageUnavailable:
+                await anyio.sleep(STORAGE_RETRY_S)
+                continue
+            if claimed == 0 and pool.free > 0:
+                with anyio.move_on_after(self.settings.poll_interval_s):
+                    await pool.wake.wait()
+                pool.wake = anyio.Event()
+            elif pool.free <= 0:
+                await pool.slot_free.wait()
+                pool.slot_free = anyio.Event()
+            else:
+                await anyio.sleep(0)
+
+    def claim_once(self, pool: KindPool) -> int:
+        """Claim as many due items as the kind has free slots (at most claim_size)."""
+        room = min(pool.free, self.settings.claim_size)
+        if room <= 0 or self.stopping:
+            return 0
+        claimed = self.store.items_claim(pool.handler.kind, room, self.owner, self.now(),
+                                         self.settings.lease_s)
+        if claimed:
+            pool.in_flight += len(claimed)
+            pool.ready.extend(claimed)
+            work, pool.work = pool.work, anyio.Event()
+            work.set()
+        return len(claimed)
+
+    async def worker(self, pool: KindPool) -> None:
+        while True:
+            while pool.ready:
+                await self._run_one(pool, pool.ready.popleft())
+            await pool.work.wait()
+
+    async def _run_one(self, pool: KindPool, claimed: Claimed) -> None:
+        handler = pool.handler
+        timeout = claimed.timeout_s or handler.timeout
+        deadline = anyio.current_time() + timeout if timeout else math.inf
+        scope = anyio.CancelScope(deadline=deadline)
+        if claimed.batch_seq in self.cancelled:
+            scope.cancel()
+        self.scopes[claimed.seq] = (claimed.batch_seq, scope)
+        try:
+            outcome = await run_attempt(handler, claimed, scope, self.cancelled.__contains__,
+                                        self.now, self._backoff)
+        finally:
+            del self.scopes[claimed.seq]
+            pool.in_flight -= 1
+            pool.slot_free.set()
+        self.outcomes.append(outcome)
+        self.outcome_ready.set()
+
+    # -- completer, heartbeat, rescuer ----------
+
+    async def completer(self) -> None:
+        while True:
+            await self.outcome_ready.wait()
+            self.outcome_ready = anyio.Event()
+            try:
+                self.complete_once()
+            except StorageUnavailable:
+                self.outcome_ready.set()  # outcomes are kept; try again shortly
+                await anyio.sleep(STORAGE_RETRY_S)
+
+    def complete_once(self) -> int:
+        """Write every outcome gathered so far in one transaction."""
+        if not self.outcomes:
+            return 0
+        outcomes, self.outcomes = self.outcomes, []
+        try:
+            self.store.items_finish(outcomes, self.owner, self.now())
+        except BaseException:
+            self.outcomes[:0] = outcomes
+            raise
+        if any(o.status == "queued" for o in outcomes):
+            for pool in self.pools.values():
+                pool.wake.set()
+        return len(outcomes)
+
+    async def heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.lease_s / 3)
+            # On a storage fault leases may lapse; the rescuer re-runs those items.
+            with contextlib.suppress(StorageUnavailable):
+                self.heartbeat_once()
+
+    def heartbeat_once(self) -> None:
+        """Extend this process's leases; interrupt items of batches cancelled elsewhere."""
+        self.store.leases_extend(self.owner, self.now() + self.settings.lease_s)
+        running_batches = {b for b, _ in self.scopes.values()}
+        for batch_seq in self.store.batches_cancelling(running_batches):
+            self.cancel_local(batch_seq)
+
+    async def rescuer(self) -> None:
+        while True:
+            await anyio.sleep(max(self.settings.lease_s / 2, 0.05))
+            with contextlib.suppress(StorageUnavailable):  # the next pass rescues them
+                self.store.items_rescue(self.now())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

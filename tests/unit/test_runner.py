@@ -1,0 +1,341 @@
+"""The runner end to end on a real SQLite file: states, retries, timeouts, cancel, limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+import minibatch
+
+pytestmark = pytest.mark.anyio
+
+
+def metrics_add_up(batch: minibatch.Batch) -> bool:
+    m = batch.metrics
+    return m.total == m.queued + m.running + m.succeeded + m.failed + m.cancelled
+
+
+async def test_async_batch_completes_with_outputs_in_submission_order(mb):
+    @mb.handler("double")
+    async def double(item):
+        return item.input * 2
+
+    async with mb:
+        batch = await mb.submit("double", [{"input": i, "entry_id": f"e{i}"} for i in range(50)])
+        assert batch.status == "queued" and batch.metrics.queued == 50
+        done = await mb.wait(batch.id, timeout=10)
+        results = [r async for r in mb.results(batch.id)]
+    assert done.status == "completed"
+    assert done.metrics.succeeded == 50 and metrics_add_up(done)
+    assert done.cancel_url is None and done.completed_at is not None
+    assert [r.output for r in results] == [i * 2 for i in range(50)]
+    assert [r.entry_id for r in results] == [f"e{i}" for i in range(50)]
+    assert all(r.attempts == 1 and r.status == "succeeded" for r in results)
+
+
+async def test_sync_handler_runs_in_a_thread(mb):
+    loop_thread = threading.get_ident()
+    threads = set()
+
+    @mb.handler("sync")
+    def work(item):
+        threads.add(threading.get_ident())
+        time.sleep(0.01)
+        return {"n": item.input}
+
+    async with mb:
+        batch = await mb.submit("sync", [{"input": i} for i in range(8)])
+        done = await mb.wait(batch.id, timeout=10)
+    assert done.status == "completed" and done.metrics.succeeded == 8
+    assert threads and loop_thread not in threads
+
+
+async def test_batch_where_every_item_fails_is_failed_with_error_codes(mb):
+    @mb.handler("boom", max_attempts=2)
+    async def boom(item):
+        raise ValueError("bad value")
+
+    async with mb:
+        batch = await mb.submit("boom", [{"input": 1}, {"input": 2}])
+        done = await mb.wait(batch.id, timeout=10)
+        results = [r async for r in mb.results(batch.id)]
+    assert done.status == "failed" and done.metrics.failed == 2
+    assert {r.error.code for r in results} == {"exception"}
+    assert results[0].error.message == "ValueError: bad value"
+    assert all(r.attempts == 2 for r in results)
+
+
+async def test_fail_ends_at_once_and_retry_after_sets_the_delay(mb):
+    seen: dict[str, list[float]] = {"fail": [], "retry": []}
+
+    @mb.handler("k", max_attempts=5)
+    async def handler(item):
+        seen[item.input].append(time.monotonic())
+        if item.input == "fail":
+            raise minibatch.Fail("not today")
+        if item.attempt < 3:
+            raise minibatch.Retry(after=0.2)
+        return "ok"
+
+    async with mb:
+        batch = await mb.submit("k", [{"input": "fail"}, {"input": "retry"}])
+        done = await mb.wait(batch.id, timeout=10)
+        results = [r async for r in mb.results(batch.id)]
+    assert done.status == "completed"
+    assert len(seen["fail"]) == 1 and results[0].status == "failed"
+    assert results[0].error.code == "failed" and results[0].error.message == "not today"
+    assert results[1].attempts == 3 and results[1].output == "ok"
+    gaps = [b - a for a, b in zip(seen["retry"], seen["retry"][1:], strict=False)]
+    assert all(g >= 0.19 for g in gaps), gaps
+
+
+async def test_exceptions_back_off_exponentially(db_path):
+    mb = minibatch.Minibatch(db_path, retry_base_s=0.1, poll_interval_s=0.01)
+    times: list[float] = []
+
+    @mb.handler("flaky", max_attempts=4)
+    async def flaky(item):
+        times.append(time.monotonic())
+        raise RuntimeError("again")
+
+    async with mb:
+        batch = await mb.submit("flaky", [{"input": None}])
+        await mb.wait(batch.id, timeout=10)
+    mb.close()
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(times) == 4
+    # about 0.1, 0.2, 0.4 s with +-20 % jitter
+    for gap, base in zip(gaps, (0.1, 0.2, 0.4), strict=True):
+        assert base * 0.8 - 0.005 <= gap <= base * 1.2 + 0.15, gaps
+
+
+async def test_timeout_is_a_failed_attempt_with_code_timeout(mb):
+    @mb.handler("slow", timeout=0.05, max_attempts=2)
+    async def slow(item):
+        await anyio.sleep(10)
+
+    async with mb:
+        batch = await mb.submit("slow", [{"input": 1}])
+        done = await mb.wait(batch.id, timeout=10)
+        [result] = [r async for r in mb.results(batch.id)]
+    assert done.status == "failed"
+    assert result.error.code == "timeout" and result.attempts == 2
+
+
+async def test_batch_item_timeout_overrides_the_handler(mb):
+    @mb.handler("slow")
+    async def slow(item):
+        await anyio.sleep(10)
+
+    async with mb:
+        batch = await mb.submit("slow", [{"input": 1}], item_timeout_s=0.05, max_attempts=1)
+        [result] = [r async for r in mb.results((await mb.wait(batch.id, timeout=10)).id)]
+    assert result.error.code == "timeout" and result.attempts == 1
+
+
+async def test_cancel_mid_run_interrupts_running_and_cancels_queued(mb):
+    started = anyio.Event()
+
+    @mb.handler("wait", concurrency=2)
+    async def wait(item):
+        started.set()
+        await anyio.sleep(30)
+
+    async with mb:
+        batch = await mb.submit("wait", [{"input": i} for i in range(10)])
+        await started.wait()
+        cancelling = await mb.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled")
+        assert metrics_add_up(cancelling)
+        done = await mb.wait(batch.id, timeout=10)
+        results = [r async for r in mb.results(batch.id)]
+        with pytest.raises(minibatch.MinibatchError):
+            await mb.cancel(batch.id)
+    assert done.status == "cancelled" and done.metrics.cancelled == 10
+    assert len(results) == 10 and {r.status for r in results} == {"cancelled"}
+
+
+async def test_cancel_waits_for_a_sync_handler_then_ends_cancelled(mb):
+    entered = threading.Event()
+
+    @mb.handler("sync", concurrency=1)
+    def work(item):
+        entered.set()
+        time.sleep(0.3)
+        return "finished"
+
+    async with mb:
+        batch = await mb.submit("sync", [{"input": 1}, {"input": 2}])
+        while not entered.is_set():
+            await anyio.sleep(0.01)
+        await mb.cancel(batch.id)
+        done = await mb.wait(batch.id, timeout=10)
+        statuses = [r.status async for r in mb.results(batch.id)]
+    assert done.status == "cancelled" and statuses == ["cancelled", "cancelled"]
+
+
+async def test_terminal_batch_never_changes(mb):
+    @mb.handler("echo")
+    async def echo(item):
+        return item.input
+
+    async with mb:
+        batch = await mb.wait((await mb.submit("echo", [{"input": 1}])).id, timeout=10)
+        with pytest.raises(minibatch.MinibatchError) as err:
+            await mb.cancel(batch.id)
+        after = await mb.get(batch.id)
+    assert err.value.status == 409
+    assert after.status == "completed" and after.metrics == batch.metrics
+
+
+async def test_per_kind_concurrency_limit_is_honoured(mb):
+    in_flight = peak = 0
+
+    @mb.handler("limited", concurrency=3)
+    async def limited(item):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(0.01)
+        in_flight -= 1
+
+    async with mb:
+        batch = await mb.submit("limited", [{"input": i} for i in range(40)])
+        await mb.wait(batch.id, timeout=20)
+    assert peak == 3
+
+
+async def test_batch_concurrency_caps_its_own_items(mb):
+    in_flight = peak = 0
+
+    @mb.handler("wide", concurrency=20)
+    async def wide(item):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(0.01)
+        in_flight -= 1
+
+    async with mb:
+        batch = await mb.submit("wide", [{"input": i} for i in range(30)], concurrency=2)
+        done = await mb.wait(batch.id, timeout=20)
+    assert done.status == "completed" and peak == 2
+
+
+async def test_ten_thousand_items_complete_and_metrics_add_up_at_every_poll(mb):
+    @mb.handler("noop", concurrency=50)
+    async def noop(item):
+        await anyio.sleep(0)
+
+    polls = []
+    async with mb:
+        batch = await mb.submit("noop", ({"input": i} for i in range(10_000)))
+        while not batch.is_terminal:
+            batch = await mb.get(batch.id)
+            polls.append(batch)
+            await anyio.sleep(0.005)
+        count = 0
+        async for _ in mb.results(batch.id):
+            count += 1
+    assert batch.status == "completed" and batch.metrics.succeeded == 10_000
+    assert count == 10_000
+    assert len(polls) > 1 and all(metrics_add_up(p) for p in polls)
+    assert any(p.metrics.running or p.metrics.succeeded < 10_000 for p in polls)
+
+
+@pytest.mark.parametrize(
+    ("kind", "items", "field"),
+    [
+        ("nope", [{"input": 1}], "kind"),
+        ("echo", [{"input": 1, "entry_id": "a"}, {"input": 2, "entry_id": "a"}],
+         "items[1].entry_id"),
+        ("echo", [{"input": 1}, {"input": object()}], "items[1].input"),
+        ("echo", [], "items"),
+        ("echo", [{"input": 1}, "not a dict"], "items[1]"),
+        ("echo", [{"input": 1, "surprise": True}], "items[0]"),
+    ],
+    ids=["unknown-kind", "duplicate-entry-id", "not-json", "empty", "not-a-dict",
+         "unknown-field"],
+)
+async def test_bad_submissions_raise_and_write_nothing(mb, kind, items, field):
+    @mb.handler("echo")
+    async def echo(item):
+        return item.input
+
+    with pytest.raises(minibatch.InvalidInput) as err:
+        await mb.submit(kind, items)
+    assert err.value.errors[0]["field"] == field
+    assert await mb.list_batches() == []
+    assert mb.store._one("SELECT count(*) FROM items")[0] == 0
+
+
+async def test_bad_limits_and_webhook_url_are_refused(mb):
+    @mb.handler("echo")
+    async def echo(item):
+        return item.input
+
+    for kwargs in ({"max_attempts": 0}, {"concurrency": -1}, {"item_timeout_s": 0},
+                   {"webhook": {"url": "ftp://example.com/x"}}):
+        with pytest.raises(minibatch.InvalidInput):
+            await mb.submit("echo", [{"input": 1}], **kwargs)
+    assert await mb.list_batches() == []
+
+
+async def test_list_batches_is_newest_first_with_a_status_filter(mb):
+    @mb.handler("echo")
+    async def echo(item):
+        return item.input
+
+    ids = [(await mb.submit("echo", [{"input": i}])).id for i in range(3)]
+    assert [b.id for b in await mb.list_batches()] == ids[::-1]
+    assert [b.id for b in await mb.list_batches(limit=2)] == ids[:0:-1]
+    assert await mb.list_batches(status="completed") == []
+    assert len(await mb.list_batches(status="queued")) == 3
+
+
+async def test_stored_batch_of_a_kind_with_no_handler_fails_at_start(db_path):
+    first = minibatch.Minibatch(db_path)
+    first.handler("gone")(lambda item: None)
+    batch = await first.submit("gone", [{"input": 1}, {"input": 2}])
+    first.close()
+
+    second = minibatch.Minibatch(db_path)
+    async with second:
+        done = await second.wait(batch.id, timeout=5)
+        codes = {r.error.code async for r in second.results(batch.id)}
+    second.close()
+    assert done.status == "failed" and done.metrics.failed == 2
+    assert codes == {"unknown_kind"}
+
+
+async def test_leaving_the_context_hands_running_items_back(db_path):
+    mb = minibatch.Minibatch(db_path)
+    started = anyio.Event()
+
+    @mb.handler("long", concurrency=2)
+    async def long(item):
+        started.set()
+        await anyio.sleep(60)
+
+    import minibatch.app as app_module
+    grace, app_module.SHUTDOWN_GRACE_S = app_module.SHUTDOWN_GRACE_S, 0.1
+    try:
+        async with mb:
+            batch = await mb.submit("long", [{"input": i} for i in range(3)])
+            await started.wait()
+    finally:
+        app_module.SHUTDOWN_GRACE_S = grace
+    after = await mb.get(batch.id)
+    mb.close()
+    assert after.metrics.queued == 3 and after.metrics.running == 0
+    assert mb.store.conn is not None
+
+
+def test_run_batch_sync_facade():
+    batch, results = minibatch.run_batch(lambda item: item.input + 1,
+                                         [{"input": i} for i in range(5)])
+    assert batch.status == "completed"
+    assert [r.output for r in results] == [1, 2, 3, 4, 5]

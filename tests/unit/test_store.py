@@ -1,0 +1,88 @@
+"""The store on a real SQLite file: leases, rescue, migrations, one-transaction writes."""
+
+from __future__ import annotations
+
+import apsw
+
+from minibatch.store import MIGRATIONS, Outcome, Store
+
+T0 = 1_000_000.0
+
+
+def make_batch(store: Store, n: int = 3, max_attempts: int = 2, **kw) -> str:
+    row = store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(n)],
+                             now=T0, max_attempts=max_attempts, **kw)
+    return row.id
+
+
+def test_completion_from_a_lost_lease_is_discarded(db_path):
+    store = Store(db_path)
+    batch_id = make_batch(store, n=1)
+    [first] = store.items_claim("k", 10, "owner-a", T0, lease_s=30)
+    assert store.items_rescue(T0 + 31) == 1  # lease lapsed: back to the queue
+    [second] = store.items_claim("k", 10, "owner-b", T0 + 32, lease_s=30)
+    assert second.item.attempt == 2
+    late = Outcome(first.seq, first.batch_seq, 1, "succeeded", b'"late"', None, 0.0)
+    assert store.items_finish([late], "owner-a", T0 + 33) == 0
+    on_time = Outcome(second.seq, second.batch_seq, 2, "succeeded", b'"ok"', None, 0.0)
+    assert store.items_finish([on_time], "owner-b", T0 + 34) == 1
+    batch = store.batch_get(batch_id)
+    assert batch.status == "completed" and batch.metrics.succeeded == 1
+    assert store.results_page(second.batch_seq, -1, 10)[0][4] == b'"ok"'
+
+
+def test_rescue_counts_the_attempt_and_fails_past_max_attempts(db_path):
+    store = Store(db_path)
+    batch_id = make_batch(store, n=1, max_attempts=2)
+    for attempt in (1, 2):
+        [claimed] = store.items_claim("k", 10, "o", T0 + attempt * 100, lease_s=30)
+        assert claimed.item.attempt == attempt
+        store.items_rescue(T0 + attempt * 100 + 31)
+    batch = store.batch_get(batch_id)
+    assert batch.status == "failed" and batch.metrics.failed == 1
+    [row] = store.results_page(claimed.batch_seq, -1, 10)
+    assert b"lease_expired" in row[5]
+
+
+def test_heartbeat_keeps_a_long_attempt_from_being_rescued(db_path):
+    store = Store(db_path)
+    make_batch(store, n=2)
+    store.items_claim("k", 10, "o", T0, lease_s=30)
+    store.leases_extend("o", T0 + 60)
+    assert store.items_rescue(T0 + 45) == 0
+    assert store.items_rescue(T0 + 61) == 2
+
+
+def test_claim_respects_run_at_and_the_limit(db_path):
+    store = Store(db_path)
+    make_batch(store, n=5)
+    assert store.items_claim("k", 2, "o", T0 - 1, lease_s=30) == []  # not due yet
+    assert len(store.items_claim("k", 2, "o", T0, lease_s=30)) == 2
+    assert len(store.items_claim("other", 10, "o", T0, lease_s=30)) == 0
+    assert len(store.items_claim("k", 10, "o", T0, lease_s=30)) == 3
+
+
+def test_submit_is_one_transaction_with_a_few_executemany_calls(db_path):
+    store = Store(db_path)
+    statements = []
+    store.conn.exec_trace = lambda cursor, sql, bindings: statements.append(sql) or True
+    make_batch(store, n=20_000)
+    store.conn.exec_trace = None
+    assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
+    assert store._one("SELECT count(*) FROM items")[0] == 20_000
+
+
+def test_fresh_and_upgraded_databases_have_the_same_schema(tmp_path):
+    old = apsw.Connection(str(tmp_path / "old.db"))
+    old.execute(MIGRATIONS[0] + "PRAGMA user_version=1;")
+    old.close()
+    upgraded = Store(str(tmp_path / "old.db"))
+    fresh = Store(str(tmp_path / "fresh.db"))
+    assert upgraded.schema_version() == fresh.schema_version() == len(MIGRATIONS)
+    assert upgraded.schema_sql() == fresh.schema_sql()
+    Store(str(tmp_path / "fresh.db"))  # opening again applies nothing and fails nothing
+
+
+def test_database_is_in_wal_mode(db_path):
+    store = Store(db_path)
+    assert store._one("PRAGMA journal_mode")[0] == "wal"
