@@ -65,17 +65,18 @@ def test_restart_after_kill_resumes_without_waiting_for_the_lease(db_path, tmp_p
     setup = make(db_path)
     batch = anyio.run(setup.submit, "work", [{"input": i} for i in range(200)])
     setup.close()
-    proc = subprocess.Popen([sys.executable, "-c", (
-        "import sys, anyio; sys.path.insert(0, %r)\n"
+    hang = (
+        f"import sys, anyio; sys.path.insert(0, {str(HERE)!r})\n"
         "from crash_worker import make\n"
-        "mb = make(%r)\n"
+        f"mb = make({db_path!r})\n"
         "@mb.handler('work', concurrency=20)\n"
         "async def hang(item):\n"
         "    await anyio.sleep(3600)\n"
         "async def main():\n"
         "    async with mb:\n"
         "        await anyio.sleep(3600)\n"
-        "anyio.run(main)\n") % (str(HERE), db_path)])
+        "anyio.run(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hang])
     reader = minibatch.Minibatch(db_path)
     deadline = time.monotonic() + 30
     while anyio.run(reader.get, batch.id).metrics.running < 20:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -88,7 +89,7 @@ async def test_fail_ends_at_once_and_retry_after_sets_the_delay(mb):
     assert len(seen["fail"]) == 1 and results[0].status == "failed"
     assert results[0].error.code == "failed" and results[0].error.message == "not today"
     assert results[1].attempts == 3 and results[1].output == "ok"
-    gaps = [b - a for a, b in zip(seen["retry"], seen["retry"][1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(seen["retry"])]
     assert all(g >= 0.19 for g in gaps), gaps
 
 
@@ -105,7 +106,7 @@ async def test_exceptions_back_off_exponentially(db_path):
         batch = await mb.submit("flaky", [{"input": None}])
         await mb.wait(batch.id, timeout=10)
     mb.close()
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) == 4
     # about 0.1, 0.2, 0.4 s with +-20 % jitter
     for gap, base in zip(gaps, (0.1, 0.2, 0.4), strict=True):
