@@ -101,6 +101,8 @@ class Minibatch:
         nothing when the kind, an item, the webhook or a limit is bad."""
         handler = self.registry.require(kind)
         hook = _webhook(webhook)
+        if hook is not None:
+            self.webhook_secret(tenant)  # deliveries are signed with the tenant's secret
         _check_positive(max_attempts=max_attempts, item_timeout_s=item_timeout_s,
                         concurrency=concurrency)
         row = self.store.batch_insert(
@@ -154,14 +156,28 @@ class Minibatch:
             after = rows[-1][0]
             await anyio.sleep(0)  # let other tasks in between pages
 
+    async def deliveries(self, batch_id: str, *, tenant: str | None = None
+                         ) -> list[models.Delivery]:
+        """The batch's webhook deliveries, oldest first, each with its attempts."""
+        return self.store.deliveries_of(batch_seq=self.store.batch_seq(batch_id, tenant))
+
+    async def redeliver(self, delivery_id: str, *, tenant: str | None = None
+                        ) -> models.Delivery:
+        """Send a delivery again: same frozen bytes, same webhook-id, not automatic."""
+        return self.store.delivery_redeliver(delivery_id, tenant, self.now())
+
+    def rotate_secret(self, tenant: str = DEFAULT_TENANT, overlap_s: float = 86400.0
+                      ) -> models.SecretRotated:
+        """A new primary signing secret; the previous one keeps signing for `overlap_s`."""
+        secret, secret_id = signing.new_secret(), new_id("whsec")
+        previous, expires = self.store.secret_rotate(tenant, secret_id, secret, overlap_s,
+                                                     self.now())
+        return models.SecretRotated(secret_id, secret, previous, models.to_datetime(expires))
+
     def webhook_secret(self, tenant: str = DEFAULT_TENANT) -> str:
         """The tenant's primary signing secret (`whsec_…`), created on first use."""
         active = self.store.secrets_active(tenant, self.now())
-        if active:
-            return active[0][1]
-        secret = signing.new_secret()
-        self.store.secret_rotate(tenant, new_id("whsec"), secret, 0, self.now())
-        return secret
+        return active[0][1] if active else self.rotate_secret(tenant, 0).webhook_secret
 
     def asgi(self) -> Any:
         """The Starlette app serving the HTTP API for this instance."""

@@ -30,7 +30,7 @@ log = logging.getLogger("minibatch.delivery")
 RESPONSE_READ_LIMIT = 64 * 1024
 RESPONSE_STORE_LIMIT = 1024
 RETRY_AFTER_CAP_S = 24 * 3600.0
-LEASE_MARGIN_S = 30.0
+LEASE_MARGIN_S = 5.0  # a claimed delivery is due again this long after its timeout
 
 # IPv6 prefixes whose addresses embed an IPv4 address in their last 32 bits.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -122,6 +122,7 @@ class Deliverer:
         self.record_ready = anyio.Event()
         self.slot_free = anyio.Event()
         self.session: aiohttp.ClientSession | None = None
+        self.closing = False
 
     async def run(self, task_group: anyio.abc.TaskGroup) -> None:
         s = self.settings
@@ -131,14 +132,23 @@ class Deliverer:
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=s.webhook_timeout_s),
             auto_decompress=False, skip_auto_headers=("User-Agent",))
-        self._task_group = task_group
+        await task_group.start(self._hold_sends)
         task_group.start_soon(self.claimer)
         task_group.start_soon(self.recorder)
 
+    async def _hold_sends(self, *, task_status: anyio.abc.TaskStatus) -> None:
+        """Own the task group of in-flight sends, so closing can cancel just those."""
+        async with anyio.create_task_group() as sends:
+            self._sends = sends
+            task_status.started()
+            await anyio.sleep_forever()
+
     async def close(self) -> None:
-        with anyio.move_on_after(2):
-            while self.in_flight:
-                await anyio.sleep(0.01)
+        """Stop sending. An attempt cut short is not recorded; its delivery is due again
+        once its lease passes, here or after a restart."""
+        self.closing = True
+        self._sends.cancel_scope.cancel()
+        await anyio.sleep(0)
         self._flush()
         if self.session is not None:
             await self.session.close()
@@ -161,7 +171,7 @@ class Deliverer:
     def deliver_once(self) -> int:
         """Claim due deliveries for the free slots and start sending them."""
         room = self.settings.webhook_concurrency - self.in_flight
-        if room <= 0:
+        if room <= 0 or self.closing:
             return 0
         lease = self.settings.webhook_timeout_s + LEASE_MARGIN_S
         due = self.store.deliveries_claim(self.now(), room, lease)
@@ -171,7 +181,7 @@ class Deliverer:
             if tenant not in secrets_by_tenant:
                 secrets_by_tenant[tenant] = self.store.secrets_active(tenant, self.now())
             self.in_flight += 1
-            self._task_group.start_soon(self._send, row, secrets_by_tenant[tenant])
+            self._sends.start_soon(self._send, row, secrets_by_tenant[tenant])
         return len(due)
 
     # -- one attempt ----------

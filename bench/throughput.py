@@ -1,0 +1,304 @@
+"""End-to-end throughput of minibatch, against the raw SQLite ceiling and huey.
+
+What is measured (each system in its own subprocess, so figures and peak RSS are per system
+and the runs do not disturb each other):
+
+* minibatch (always): a fresh SQLite file, one no-op async handler (`concurrency=200`),
+  `--items` items submitted as a generator of `{"input": i}`, then `mb.wait(...)`.
+  Reported: items/s from the start of `submit` until every item is terminal, the submit
+  time on its own, and the peak RSS of the process. The batch must end `completed` with
+  every item succeeded, or the script fails.
+* `--ceiling`: raw apsw on a fresh WAL file (`synchronous=NORMAL`, `temp_store=MEMORY`),
+  no Python work per item. The same number of queued rows is inserted with one
+  `executemany` in one transaction; then, in groups of 100, one transaction SELECTs the
+  ids of queued rows (a partial index on `status='queued'`) and UPDATEs them to running,
+  and a second transaction marks them done with a small result blob. Reported: claim +
+  complete items/s (the insert is timed separately) and the ratio minibatch / ceiling.
+* `--peer huey`: the same no-op workload through huey's SqliteHuey with
+  `synchronous=NORMAL` (equal durability to minibatch; huey defaults to FULL), a task
+  returning 1 so that a result is stored, and a consumer with 4 worker threads.
+  `--huey-items` tasks are enqueued first; the clock runs from the consumer's start until
+  every result is stored. Reported: tasks/s and the ratio minibatch / huey.
+
+Reference figures and goals: /work/shared/MEASURED.md (minibatch should reach at least half
+the ceiling and 10x huey measured in the same run).
+
+    .venv/bin/python bench/throughput.py --ceiling --peer huey
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+GROUP = 100  # rows claimed and completed per transaction in the ceiling
+RESULT_BLOB = b'{"ok":true}'
+HUEY_WORKERS = 4
+GOALS = {"ceiling": 0.5, "huey": 10.0}  # minibatch / system, from shared/MEASURED.md
+
+
+# -- helpers ----------
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit(figures: dict[str, Any]) -> None:
+    """Print the child's figures as the single JSON line the parent reads."""
+    figures["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    print(json.dumps(figures), flush=True)
+
+
+# -- minibatch ----------
+
+
+def items_of(n: int) -> Iterator[dict[str, int]]:
+    return ({"input": i} for i in range(n))
+
+
+async def minibatch_run(path: str, n: int, timeout: float) -> dict[str, Any]:
+    import minibatch
+
+    mb = minibatch.Minibatch(path)
+
+    @mb.handler("noop", concurrency=200)
+    async def noop(item: Any) -> None:
+        return None
+
+    try:
+        async with mb:
+            start = time.perf_counter()
+            batch = await mb.submit("noop", items_of(n))
+            submitted = time.perf_counter()
+            batch = await mb.wait(batch.id, poll_s=0.01, timeout=timeout)
+            end = time.perf_counter()
+    finally:
+        mb.close()
+    if batch.status != "completed" or batch.metrics.succeeded != n:
+        raise SystemExit(f"minibatch: batch ended {batch.status!r} with metrics "
+                         f"{batch.metrics!r}, expected completed with {n} succeeded")
+    return {"items": n, "submit_s": submitted - start, "total_s": end - start,
+            "rate": n / (end - start)}
+
+
+def child_minibatch(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
+    import anyio
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        return anyio.run(minibatch_run, os.path.join(tmp, "bench.db"), n, timeout)
+
+
+# -- the raw apsw ceiling ----------
+
+
+def ceiling_open(path: str) -> Any:
+    import apsw
+
+    conn = apsw.Connection(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    conn.execute(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT NOT NULL, payload BLOB,"
+        " result BLOB);"
+        " CREATE INDEX jobs_queued ON jobs(id) WHERE status='queued';")
+    return conn
+
+
+def ceiling_insert(conn: Any, n: int) -> None:
+    cur = conn.cursor()
+    cur.execute("BEGIN IMMEDIATE")
+    cur.executemany("INSERT INTO jobs (status, payload) VALUES ('queued', ?)",
+                    ((b'{"input":%d}' % i,) for i in range(n)))
+    cur.execute("COMMIT")
+
+
+def ceiling_claim(cur: Any) -> list[int]:
+    """One transaction: the ids of up to GROUP queued rows, marked running."""
+    cur.execute("BEGIN IMMEDIATE")
+    ids = [row[0] for row in cur.execute(
+        "SELECT id FROM jobs WHERE status='queued' ORDER BY id LIMIT ?", (GROUP,))]
+    if ids:
+        cur.execute(f"UPDATE jobs SET status='running' WHERE id IN ({','.join('?' * len(ids))})",
+                    ids)
+    cur.execute("COMMIT")
+    return ids
+
+
+def ceiling_complete(cur: Any, ids: list[int]) -> None:
+    """One transaction: each claimed row done, with its own small result blob."""
+    cur.execute("BEGIN IMMEDIATE")
+    cur.executemany("UPDATE jobs SET status='done', result=? WHERE id=?",
+                    [(RESULT_BLOB, i) for i in ids])
+    cur.execute("COMMIT")
+
+
+def child_ceiling(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        conn = ceiling_open(os.path.join(tmp, "ceiling.db"))
+        start = time.perf_counter()
+        ceiling_insert(conn, n)
+        inserted = time.perf_counter()
+        cur = conn.cursor()
+        while ids := ceiling_claim(cur):
+            ceiling_complete(cur, ids)
+            if time.perf_counter() - inserted > timeout:
+                raise SystemExit(f"ceiling: not done after {timeout} s")
+        end = time.perf_counter()
+        done = conn.execute("SELECT count(*) FROM jobs WHERE status='done'").fetchall()[0][0]
+        conn.close()
+    if done != n:
+        raise SystemExit(f"ceiling: {done} rows done, expected {n}")
+    return {"items": n, "insert_s": inserted - start, "total_s": end - inserted,
+            "rate": n / (end - inserted)}
+
+
+# -- huey ----------
+
+
+def huey_instance(path: str) -> Any:
+    from huey import SqliteHuey
+    from huey.storage import SqliteStorage
+
+    class NormalSyncStorage(SqliteStorage):
+        """huey's SQLite storage with `synchronous=NORMAL` on every connection."""
+
+        def _create_connection(self) -> Any:
+            conn = super()._create_connection()
+            conn.execute("PRAGMA synchronous=NORMAL")
+            return conn
+
+    return SqliteHuey("bench", filename=path, storage_class=NormalSyncStorage)
+
+
+def child_huey(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        huey = huey_instance(os.path.join(tmp, "huey.db"))
+
+        @huey.task()
+        def noop(i: int) -> int:
+            return 1
+
+        start = time.perf_counter()
+        for i in range(n):
+            noop(i)
+        enqueued = time.perf_counter()
+        consumer = huey.create_consumer(workers=HUEY_WORKERS, worker_type="thread",
+                                        periodic=False, check_worker_health=False)
+        consumer.start()
+        try:
+            while huey.result_count() < n:
+                if time.perf_counter() - enqueued > timeout:
+                    raise SystemExit(f"huey: {huey.result_count()} of {n} results "
+                                     f"after {timeout} s")
+                time.sleep(0.01)
+            end = time.perf_counter()
+        finally:
+            consumer.stop(graceful=True)
+        huey.storage.close()
+    return {"items": n, "enqueue_s": enqueued - start, "total_s": end - enqueued,
+            "rate": n / (end - enqueued)}
+
+
+CHILDREN = {"minibatch": child_minibatch, "ceiling": child_ceiling, "huey": child_huey}
+
+
+# -- the parent ----------
+
+
+def run_child(system: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one system in a fresh interpreter and return the figures it printed."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--items", str(n),
+           "--timeout", str(args.timeout)]
+    if args.dir:
+        cmd += ["--dir", args.dir]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 30)
+    except subprocess.TimeoutExpired as exc:
+        raise SystemExit(f"{system}: timed out after {exc.timeout} s") from None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{system} failed (exit {proc.returncode}):\n{proc.stderr}")
+    return json.loads(lines[-1])
+
+
+def report(system: str, r: dict[str, Any]) -> None:
+    extra = ""
+    for key, label in (("submit_s", "submit"), ("insert_s", "insert"),
+                       ("enqueue_s", "enqueue")):
+        if key in r:
+            extra = f" ({label} {r[key]:.2f} s, timed apart)"
+    print(f"{system:<10} {r['items']:>8} items in {r['total_s']:6.2f} s = "
+          f"{r['rate']:>9,.0f} items/s{extra}, peak RSS {r['peak_rss_mib']:.0f} MiB",
+          flush=True)
+
+
+def table(results: dict[str, dict[str, Any]]) -> None:
+    mb = results["minibatch"]["rate"]
+    print()
+    print(f"| {'system':<10} | {'items':>8} | {'items/s':>9} | {'minibatch / it':>14} "
+          f"| {'peak RSS MiB':>12} |")
+    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 16}|{'-' * 14}|")
+    for system, r in results.items():
+        ratio = "" if system == "minibatch" else f"{mb / r['rate']:.2f}x"
+        print(f"| {system:<10} | {r['items']:>8} | {r['rate']:>9,.0f} | {ratio:>14} "
+              f"| {r['peak_rss_mib']:>12.0f} |")
+    print(f"\nminibatch submit: {results['minibatch']['submit_s']:.2f} s of "
+          f"{results['minibatch']['total_s']:.2f} s end to end")
+    for system, goal in GOALS.items():
+        if system in results:
+            ratio = mb / results[system]["rate"]
+            verdict = "met" if ratio >= goal else "MISSED"
+            print(f"goal minibatch >= {goal:g}x {system} (MEASURED.md): {ratio:.2f}x, {verdict}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--items", type=int, default=100_000,
+                   help="items for minibatch and the ceiling (default 100000)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also measure raw apsw claim+complete in groups of 100")
+    p.add_argument("--peer", choices=["huey"], action="append", default=[],
+                   help="also measure a peer with the same workload")
+    p.add_argument("--huey-items", type=int, default=20_000,
+                   help="tasks for huey, which is ~3k/s (default 20000)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one system may take before the run fails (default 60)")
+    p.add_argument("--dir", default=None,
+                   help="directory for the temporary databases (default: the system's)")
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.items <= 0 or args.huey_items <= 0:
+        p.error("--items and --huey-items must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        emit(CHILDREN[args.child](args.items, args.timeout, args.dir))
+        return
+    plan = [("minibatch", args.items)]
+    if args.ceiling:
+        plan.append(("ceiling", args.items))
+    if "huey" in args.peer:
+        plan.append(("huey", args.huey_items))
+    results: dict[str, dict[str, Any]] = {}
+    for system, n in plan:
+        results[system] = run_child(system, n, args)
+        report(system, results[system])
+    table(results)
+
+
+if __name__ == "__main__":
+    main()
