@@ -71,23 +71,24 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
 
 
-async def run_attempt(handler: Handler, claimed: Claimed, scope: anyio.CancelScope,
-                      is_cancelled: Callable[[int], bool], now: Callable[[], float],
-                      backoff_s: tuple[float, float]) -> Outcome:
-    """Run one attempt of one item and decide its outcome; never raises for the handler."""
+async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
+                      now: Callable[[], float], backoff_s: tuple[float, float]) -> Outcome:
+    """Run one attempt of one item and decide its outcome.
+
+    The one place that catches what a handler raises. A cancellation from outside (the
+    batch was cancelled) is not the handler's doing and passes through to the runner.
+    """
     item = claimed.item
     try:
-        with scope:
-            if handler.is_async:
-                value = await handler.fn(item)
-            else:
-                value = await anyio.to_thread.run_sync(handler.fn, item,
-                                                       limiter=handler.limiter)
-        if is_cancelled(claimed.batch_seq) and (scope.cancelled_caught or not handler.is_async):
-            return _end(claimed, "cancelled", None, None)
-        if scope.cancelled_caught or scope.deadline < anyio.current_time():
-            return _failed(claimed, "timeout", "the attempt ran past its timeout",
-                           backoff(item.attempt, *backoff_s), now)
+        if timeout is None:
+            value = await _call(handler, item)
+        else:
+            with anyio.move_on_after(timeout) as scope:
+                value = await _call(handler, item)
+            # A sync handler's thread cannot be interrupted: it overran if it ended late.
+            if scope.cancelled_caught or scope.deadline < anyio.current_time():
+                return _failed(claimed, "timeout", f"the attempt ran past its {timeout} s",
+                               backoff(item.attempt, *backoff_s), now)
         try:
             output = models.encoder.encode(value)
         except (TypeError, msgspec.EncodeError) as exc:
@@ -102,6 +103,16 @@ async def run_attempt(handler: Handler, claimed: Claimed, scope: anyio.CancelSco
     except Exception as exc:  # a handler's bug is the item's failure, never the runner's
         return _failed(claimed, "exception", f"{type(exc).__name__}: {exc}",
                        backoff(item.attempt, *backoff_s), now)
+
+
+async def _call(handler: Handler, item: Any) -> Any:
+    if handler.is_async:
+        return await handler.fn(item)
+    return await anyio.to_thread.run_sync(handler.fn, item, limiter=handler.limiter)
+
+
+def cancelled_outcome(claimed: Claimed) -> Outcome:
+    return _end(claimed, "cancelled", None, None)
 
 
 def _end(c: Claimed, status: str, output: bytes | None, error: bytes | None) -> Outcome:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import os
 import secrets
 import socket
@@ -21,7 +20,7 @@ import anyio
 
 from .config import Settings
 from .errors import StorageUnavailable
-from .handlers import Handler, Registry, run_attempt
+from .handlers import Handler, Registry, cancelled_outcome, run_attempt
 from .store import Claimed, Outcome, Store
 
 log = logging.getLogger("minibatch.runner")
@@ -35,13 +34,26 @@ class KindPool:
         self.handler = handler
         self.ready: collections.deque[Claimed] = collections.deque()
         self.in_flight = 0  # claimed and not yet finished
-        self.work = anyio.Event()  # set when `ready` gains items
+        self.idle: list[anyio.Event] = []  # one per idle worker, set to wake it
+        self.waking = False  # a worker has been woken and has not run yet
         self.slot_free = anyio.Event()  # set when in_flight drops
         self.wake = anyio.Event()  # set when new items may be due (a submit)
 
     @property
     def free(self) -> int:
         return self.handler.concurrency - self.in_flight
+
+    def wake_one(self) -> None:
+        """Wake one idle worker, unless one is already on its way.
+
+        Waking every worker for each claim cost more than the items themselves: a worker
+        whose handler does not suspend drains the whole deque, so the others woke for
+        nothing. One at a time, each woken worker wakes the next before running its item,
+        so suspending handlers still spread over all workers.
+        """
+        if self.idle and not self.waking:
+            self.waking = True
+            self.idle.pop().set()
 
 
 class Runner:
@@ -55,7 +67,7 @@ class Runner:
         self.pools: dict[str, KindPool] = {}
         self.outcomes: list[Outcome] = []
         self.outcome_ready = anyio.Event()
-        self.scopes: dict[int, tuple[int, anyio.CancelScope]] = {}
+        self.running: dict[int, tuple[int, anyio.CancelScope]] = {}
         self.cancelled: set[int] = set()
         self.stopping = False
         self._backoff = (settings.retry_base_s, settings.retry_cap_s)
@@ -113,7 +125,7 @@ class Runner:
     def cancel_local(self, batch_seq: int) -> None:
         """Interrupt this process's running items of a cancelled batch."""
         self.cancelled.add(batch_seq)
-        for b, scope in list(self.scopes.values()):
+        for b, scope in list(self.running.values()):
             if b == batch_seq:
                 scope.cancel()
 
@@ -146,31 +158,50 @@ class Runner:
         if claimed:
             pool.in_flight += len(claimed)
             pool.ready.extend(claimed)
-            work, pool.work = pool.work, anyio.Event()
-            work.set()
+            pool.wake_one()
         return len(claimed)
 
     async def worker(self, pool: KindPool) -> None:
         while True:
             while pool.ready:
-                await self._run_one(pool, pool.ready.popleft())
-            await pool.work.wait()
+                await self._drain(pool)
+            wake = anyio.Event()
+            pool.idle.append(wake)
+            await wake.wait()
+            pool.waking = False
 
-    async def _run_one(self, pool: KindPool, claimed: Claimed) -> None:
+    async def _drain(self, pool: KindPool) -> None:
+        """Run items from the deque, one after another, under one cancel scope.
+
+        One scope per drain rather than per item: a scope costs more than a no-op item
+        (shared/MEASURED.md). Cancelling a batch cancels the scope of each worker running
+        one of its items; that worker is inside that item's handler, so only that item is
+        interrupted, and the worker goes on under a new scope.
+        """
         handler = pool.handler
-        timeout = claimed.timeout_s or handler.timeout
-        deadline = anyio.current_time() + timeout if timeout else math.inf
-        scope = anyio.CancelScope(deadline=deadline)
-        if claimed.batch_seq in self.cancelled:
-            scope.cancel()
-        self.scopes[claimed.seq] = (claimed.batch_seq, scope)
-        try:
-            outcome = await run_attempt(handler, claimed, scope, self.cancelled.__contains__,
-                                        self.now, self._backoff)
-        finally:
-            del self.scopes[claimed.seq]
-            pool.in_flight -= 1
-            pool.slot_free.set()
+        scope = anyio.CancelScope()
+        current: Claimed | None = None
+        with scope:
+            while pool.ready and not scope.cancel_called:
+                current = pool.ready.popleft()
+                if pool.ready:
+                    pool.wake_one()
+                self.running[current.seq] = (current.batch_seq, scope)
+                if current.batch_seq in self.cancelled:
+                    scope.cancel()
+                outcome = await run_attempt(handler, current, current.timeout_s or
+                                            handler.timeout, self.now, self._backoff)
+                if scope.cancel_called and current.batch_seq in self.cancelled:
+                    outcome = cancelled_outcome(current)  # e.g. a sync handler's thread ended
+                self._finish(pool, current, outcome)
+                current = None
+        if current is not None:  # its handler was interrupted by the batch's cancel
+            self._finish(pool, current, cancelled_outcome(current))
+
+    def _finish(self, pool: KindPool, claimed: Claimed, outcome: Outcome) -> None:
+        del self.running[claimed.seq]
+        pool.in_flight -= 1
+        pool.slot_free.set()
         self.outcomes.append(outcome)
         self.outcome_ready.set()
 
@@ -211,7 +242,7 @@ class Runner:
     def heartbeat_once(self) -> None:
         """Extend this process's leases; interrupt items of batches cancelled elsewhere."""
         self.store.leases_extend(self.owner, self.now() + self.settings.lease_s)
-        running_batches = {b for b, _ in self.scopes.values()}
+        running_batches = {b for b, _ in self.running.values()}
         for batch_seq in self.store.batches_cancelling(running_batches):
             self.cancel_local(batch_seq)
 

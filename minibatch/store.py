@@ -577,26 +577,24 @@ class Store:
         Each write is guarded by the lease (`lease_owner` and `attempts` as claimed): an
         outcome whose lease was lost is discarded, so an item has exactly one outcome.
         """
-        applied = 0
         with self._tx() as cur:
+            written = cur.executemany(
+                "UPDATE items SET status=?, output=?, error=?, run_at=?, lease_until=NULL"
+                " WHERE seq=? AND status='running' AND lease_owner=? AND attempts=?"
+                " RETURNING batch, seq, status",
+                [(o.status, o.output, o.error, o.run_at, o.seq, owner, o.attempt)
+                 for o in outcomes]).fetchall()
             deltas: dict[int, Counter] = {}
-            item_events: list[tuple[int, str]] = []
-            for o in outcomes:
-                done = cur.execute(
-                    "UPDATE items SET status=?, output=?, error=?, run_at=?, lease_until=NULL"
-                    " WHERE seq=? AND status='running' AND lease_owner=? AND attempts=?"
-                    " RETURNING 1", (o.status, o.output, o.error, o.run_at, o.seq, owner,
-                                     o.attempt)).fetchall()
-                if done:
-                    applied += 1
-                    d = deltas.setdefault(o.batch_seq, Counter())
-                    d[o.status] += 1
-                    if o.status in ("succeeded", "failed"):
-                        item_events.append((o.batch_seq, o.seq))
+            for b, _, status in written:
+                if b not in deltas:
+                    deltas[b] = Counter()
+                deltas[b][status] += 1
             self._apply_deltas(cur, deltas, now)
-            if item_events:
-                self._item_events(cur, item_events, now)
-        return applied
+            finished = [(b, seq) for b, seq, status in written
+                        if status in ("succeeded", "failed")]
+            if finished:
+                self._item_events(cur, finished, now)
+        return len(written)
 
     def _apply_deltas(self, cur: apsw.Cursor, deltas: dict[int, Counter], now: float) -> None:
         """Move finished items from running into their new counters, then settle batches."""
