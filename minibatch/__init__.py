@@ -6,6 +6,7 @@ end through a signed, retried webhook - in one Python process.
 
 from .app import Minibatch, run_batch
 from .errors import Fail, InvalidInput, MinibatchError, NotFound, Retry
+from .handlers import handler
 from .models import Batch, Delivery, Item, Metrics, Result
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "NotFound",
     "Result",
     "Retry",
+    "handler",
     "run_batch",
 ]

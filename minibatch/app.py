@@ -7,7 +7,7 @@ leaving it finishes or hands back in-flight work. `run_batch` is the sync facade
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +19,7 @@ from .config import make_settings
 from .delivery import Deliverer
 from .errors import InvalidInput
 from .handlers import Registry
+from .metrics import Histogram
 from .models import Batch, ItemError, Result
 from .runner import Runner
 from .store import Store, item_id, new_id
@@ -42,9 +43,11 @@ class Minibatch:
                            webhook_schedule=self.settings.webhook_retry_schedule)
         self.registry = Registry()
         self.now: Callable[[], float] = time.time
+        self.latency = Histogram()  # item attempt durations, for /metrics
         self.runner: Runner | None = None
         self.deliverer: Deliverer | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
 
     # -- handlers and lifecycle ----------
 
@@ -59,7 +62,7 @@ class Minibatch:
 
     async def __aenter__(self) -> Minibatch:
         self._task_group = await anyio.create_task_group().__aenter__()
-        self.runner = Runner(self.store, self.registry, self.settings, self.now)
+        self.runner = Runner(self.store, self.registry, self.settings, self.now, self.latency)
         self.deliverer = Deliverer(self.store, self.settings, self.now)
         await self.runner.run(self._task_group)
         await self.deliverer.run(self._task_group)
@@ -71,11 +74,17 @@ class Minibatch:
             await self.runner.drain(SHUTDOWN_GRACE_S)
             if self.deliverer is not None:
                 await self.deliverer.close()
+            for cleanup in self._on_close:
+                await cleanup()
         self._task_group.cancel_scope.cancel()
         try:
             return await self._task_group.__aexit__(*exc_info)
         finally:
             self._task_group = self.runner = self.deliverer = None
+
+    def on_close(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        """Await `cleanup` when the runner stops (after in-flight items are done)."""
+        self._on_close.append(cleanup)
 
     def close(self) -> None:
         self.store.close()
@@ -169,7 +178,7 @@ class Minibatch:
     def rotate_secret(self, tenant: str = DEFAULT_TENANT, overlap_s: float = 86400.0
                       ) -> models.SecretRotated:
         """A new primary signing secret; the previous one keeps signing for `overlap_s`."""
-        secret, secret_id = signing.new_secret(), new_id("whsec")
+        secret, secret_id = signing.new_secret(), new_id("secret")
         previous, expires = self.store.secret_rotate(tenant, secret_id, secret, overlap_s,
                                                      self.now())
         return models.SecretRotated(secret_id, secret, previous, models.to_datetime(expires))
@@ -178,6 +187,13 @@ class Minibatch:
         """The tenant's primary signing secret (`whsec_…`), created on first use."""
         active = self.store.secrets_active(tenant, self.now())
         return active[0][1] if active else self.rotate_secret(tenant, 0).webhook_secret
+
+    def create_file(self, tenant: str, filename: str | None, size: int,
+                    lines: Iterable[tuple], idempotency: tuple | None = None
+                    ) -> models.FileObject:
+        """Store a validated JSONL file: `lines` yields (line, entry_id, input, metadata)."""
+        return self.store.file_insert(tenant, filename, size, lines, self.now(),
+                                      idempotency=idempotency)
 
     def asgi(self) -> Any:
         """The Starlette app serving the HTTP API for this instance."""

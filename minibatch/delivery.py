@@ -218,7 +218,7 @@ class Deliverer:
         """POST once: (status, body, retry_after, error, failure_reason_code or None)."""
         assert self.session is not None
         if not self.settings.allow_private_webhooks:
-            reason = _literal_blocked(url)
+            reason = literal_blocked(url)
             if reason:
                 return None, None, None, reason, "blocked_destination"
         headers = signing.headers(keys, msg_id, int(self.now()), payload)
@@ -264,7 +264,7 @@ class Deliverer:
                 raise
 
 
-def _literal_blocked(url: str) -> str | None:
+def literal_blocked(url: str) -> str | None:
     """aiohttp skips the resolver for IP literals, so those are checked here."""
     host = urlsplit(url).hostname or ""
     try:

@@ -31,7 +31,8 @@ class Handler:
                  timeout: float | None, max_attempts: int | None) -> None:
         self.kind = kind
         self.fn = fn
-        self.is_async = inspect.iscoroutinefunction(fn)
+        call = fn if inspect.isroutine(fn) else type(fn).__call__  # an object's __call__
+        self.is_async = inspect.iscoroutinefunction(call)
         default = DEFAULT_ASYNC_CONCURRENCY if self.is_async else DEFAULT_SYNC_CONCURRENCY
         self.concurrency = concurrency or default
         self.timeout = timeout
@@ -42,6 +43,21 @@ class Handler:
                 max_attempts is not None and max_attempts < 1):
             raise InvalidInput(f"handler {kind!r}: concurrency, timeout and max_attempts must be"
                                " positive")
+
+
+# Handlers declared with the module-level `minibatch.handler` decorator, for modules that
+# `minibatch serve --handlers MODULE` imports: serve registers them on its instance.
+DECLARED: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
+
+
+def handler(kind: str, *, concurrency: int | None = None, timeout: float | None = None,
+            max_attempts: int | None = None) -> Callable:
+    """Declare a handler in a module for `minibatch serve --handlers MODULE`."""
+    def declare(fn: Callable) -> Callable:
+        DECLARED.append((kind, fn, {"concurrency": concurrency, "timeout": timeout,
+                                    "max_attempts": max_attempts}))
+        return fn
+    return declare
 
 
 class Registry:

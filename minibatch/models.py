@@ -194,6 +194,14 @@ class ItemIn(Struct, forbid_unknown_fields=True):
     metadata: dict[str, Any] | None = None
 
 
+class ItemLine(Struct, forbid_unknown_fields=True):
+    """One line of an uploaded JSONL file; `input` is kept as the bytes it arrived as."""
+
+    input: msgspec.Raw
+    entry_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
 class WebhookIn(Struct, forbid_unknown_fields=True):
     url: str
     events: list[EventType] | None = None
@@ -235,6 +243,10 @@ class ItemPage(Struct):
 
 class DeliveryList(Struct):
     data: list[Delivery]
+
+
+class Health(Struct):
+    status: str
 
 
 class FieldError(Struct, omit_defaults=True):

@@ -21,6 +21,7 @@ import anyio
 from .config import Settings
 from .errors import StorageUnavailable
 from .handlers import Handler, Registry, cancelled_outcome, run_attempt
+from .metrics import Histogram
 from .store import Claimed, Outcome, Store
 
 log = logging.getLogger("minibatch.runner")
@@ -58,8 +59,9 @@ class KindPool:
 
 class Runner:
     def __init__(self, store: Store, registry: Registry, settings: Settings,
-                 now: Callable[[], float]) -> None:
+                 now: Callable[[], float], latency: Histogram) -> None:
         self.store = store
+        self.latency = latency
         self.registry = registry
         self.settings = settings
         self.now = now
@@ -199,6 +201,7 @@ class Runner:
             self._finish(pool, current, cancelled_outcome(current))
 
     def _finish(self, pool: KindPool, claimed: Claimed, outcome: Outcome) -> None:
+        self.latency.observe(self.now() - claimed.claimed_at)
         del self.running[claimed.seq]
         pool.in_flight -= 1
         pool.slot_free.set()

@@ -36,3 +36,20 @@ def headers(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> dict
         "webhook-signature": " ".join(sign(k, msg_id, timestamp, body) for k in keys),
         "content-type": "application/json",
     }
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, now: int,
+           tolerance_s: int = 300) -> bool:
+    """True if any `v1` signature in the headers matches, within the timestamp tolerance.
+
+    For receivers built with minibatch (the demo); any Standard Webhooks library works.
+    """
+    try:
+        timestamp = int(headers["webhook-timestamp"])
+        expected = sign(secret_key(secret), headers["webhook-id"], timestamp, body)
+    except (KeyError, ValueError):
+        return False
+    if abs(now - timestamp) > tolerance_s:
+        return False
+    return any(hmac.compare_digest(expected, sig)
+               for sig in headers.get("webhook-signature", "").split(" "))

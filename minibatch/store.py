@@ -198,6 +198,7 @@ class Claimed(NamedTuple):
     batch_seq: int
     max_attempts: int
     timeout_s: float | None
+    claimed_at: float
 
 
 class Outcome(NamedTuple):
@@ -347,11 +348,7 @@ class Store:
             cur.execute("UPDATE batches SET total=?, queued=? WHERE seq=?", (total, total, seq))
             row = self._batch_row(seq)
             if idempotency is not None:
-                key, body_hash, status, build = idempotency
-                cur.execute(
-                    "INSERT INTO idempotency VALUES (?,?,?,?,?,?)",
-                    (tenant, key, body_hash, status, build(row), now),
-                )
+                self._idempotency_put(cur, tenant, idempotency, row, now)
         return row
 
     def _items_from_iterable(self, cur: apsw.Cursor, seq: int, kind: str,
@@ -540,7 +537,7 @@ class Store:
             item = Item(id=item_id(seq), batch_id=batch.id, entry_id=entry_id, index=idx,
                         input=_decode(inp), metadata=None if meta is None else _decode(meta),
                         attempt=attempts)
-            claimed.append(Claimed(item, seq, b, batch.max_attempts, batch.item_timeout_s))
+            claimed.append(Claimed(item, seq, b, batch.max_attempts, batch.item_timeout_s, now))
         return claimed
 
     def leases_extend(self, owner: str, until: float) -> int:
@@ -843,15 +840,34 @@ class Store:
     # -- files and idempotency ----------
 
     def file_insert(self, tenant: str, filename: str | None, size: int,
-                    lines: list[tuple], now: float) -> FileObject:
+                    lines: Iterable[tuple], now: float,
+                    idempotency: tuple[str, bytes, int, Any] | None = None) -> FileObject:
+        """Store a file's lines, (line, entry_id, input, metadata) each, in one transaction.
+
+        `lines` may raise InvalidInput part way (a bad line): nothing is then written.
+        """
         file_id = new_id("file")
         with self._tx() as cur:
-            cur.execute("INSERT INTO files VALUES (?,?,?,?,?,?)",
-                        (file_id, tenant, filename, size, len(lines), now))
+            cur.execute("INSERT INTO files VALUES (?,?,?,?,0,?)",
+                        (file_id, tenant, filename, size, now))
             cur.executemany("INSERT INTO file_lines VALUES (?,?,?,?,?)",
-                            [(file_id, *line) for line in lines])
-        return FileObject(id=file_id, bytes=size, lines=len(lines), filename=filename,
-                          created_at=to_datetime(now))
+                            ((file_id, *line) for line in lines))
+            count = self._one("SELECT count(*) FROM file_lines WHERE file=?", (file_id,))[0]
+            if count == 0:
+                raise InvalidInput("the file has no items", [{"line": 1, "message": "empty"}])
+            cur.execute("UPDATE files SET lines=? WHERE id=?", (count, file_id))
+            file = FileObject(id=file_id, bytes=size, lines=count, filename=filename,
+                              created_at=to_datetime(now))
+            if idempotency is not None:
+                self._idempotency_put(cur, tenant, idempotency, file, now)
+        return file
+
+    def _idempotency_put(self, cur: apsw.Cursor, tenant: str,
+                         idempotency: tuple[str, bytes, int, Any], created: Any,
+                         now: float) -> None:
+        key, body_hash, status, build = idempotency
+        cur.execute("INSERT OR REPLACE INTO idempotency VALUES (?,?,?,?,?,?)",
+                    (tenant, key, body_hash, status, build(created), now))
 
     def idempotency_get(self, tenant: str, key: str, since: float) -> tuple | None:
         return self._one("SELECT body_hash, status, response FROM idempotency WHERE tenant=?"

@@ -1,0 +1,434 @@
+"""The HTTP API: bytes -> Struct -> Minibatch call -> Struct -> bytes.
+
+Every route is one `Endpoint` in ENDPOINTS, which `openapi.py` also reads, so the served
+routes and the published spec cannot drift. Every error, ours or Starlette's, leaves as
+application/problem+json through `problem_response`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple, get_args
+from urllib.parse import urlsplit
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from . import metrics, models
+from .auth import Authenticator, Idempotency
+from .errors import (
+    BadRequest,
+    InvalidInput,
+    MinibatchError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from .models import (
+    Batch,
+    BatchCreate,
+    BatchPage,
+    Delivery,
+    DeliveryList,
+    FileObject,
+    Health,
+    ItemLine,
+    ItemPage,
+    Problem,
+    Result,
+    RotateSecret,
+    SecretRotated,
+)
+
+if TYPE_CHECKING:
+    from .app import Minibatch
+
+log = logging.getLogger("minibatch.api")
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+JSONL = "application/jsonl"
+MAX_LINE_ERRORS = 100
+_encode = models.encoder.encode
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+_BATCH_STATUSES = get_args(models.BatchStatus)
+_ITEM_STATUSES = get_args(models.ItemStatus)
+
+
+class Endpoint(NamedTuple):
+    method: str
+    path: str
+    name: str  # the method of `Api` that serves it
+    summary: str
+    status: int = 200
+    body: Any = None  # request Struct (JSON) or "file"
+    response: Any = None  # response Struct, or a media type for non-JSON bodies
+    query: tuple[str, ...] = ()
+    auth: bool = True
+
+
+ENDPOINTS = [
+    Endpoint("POST", "/v1/files", "create_file", "Upload a JSONL file of items", 201, "file",
+             FileObject),
+    Endpoint("POST", "/v1/batches", "create_batch", "Create a batch", 201, BatchCreate, Batch),
+    Endpoint("GET", "/v1/batches", "list_batches", "List batches, newest first",
+             response=BatchPage, query=("status", "limit", "after")),
+    Endpoint("GET", "/v1/batches/{batch_id}", "get_batch", "Get a batch (its polling_url)",
+             response=Batch),
+    Endpoint("GET", "/v1/batches/{batch_id}/items", "list_items",
+             "List a batch's items in submission order", response=ItemPage,
+             query=("status", "limit", "after")),
+    Endpoint("GET", "/v1/batches/{batch_id}/results", "results",
+             "Stream results as JSONL, one line per terminal item", response=JSONL),
+    Endpoint("POST", "/v1/batches/{batch_id}/cancel", "cancel_batch", "Cancel a batch",
+             response=Batch),
+    Endpoint("GET", "/v1/batches/{batch_id}/deliveries", "list_deliveries",
+             "Webhook deliveries of a batch, with attempts", response=DeliveryList),
+    Endpoint("POST", "/v1/deliveries/{delivery_id}/retry", "retry_delivery",
+             "Send a delivery again (same bytes, same webhook-id)", 202, response=Delivery),
+    Endpoint("POST", "/v1/webhook-secret/rotate", "rotate_secret",
+             "Make a new primary webhook signing secret", body=RotateSecret,
+             response=SecretRotated),
+    Endpoint("GET", "/healthz", "healthz", "Liveness", response=Health, auth=False),
+    Endpoint("GET", "/metrics", "metrics", "Prometheus metrics (no tenant data)",
+             response="text/plain", auth=False),
+    Endpoint("GET", "/openapi.json", "openapi", "This OpenAPI document", response=JSON,
+             auth=False),
+]
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(_encode(obj), status_code=status, media_type=JSON)
+
+
+def problem_response(exc: MinibatchError) -> Response:
+    errors = [models.FieldError(**e) for e in exc.errors]
+    body = Problem(type=exc.type, title=exc.title, status=exc.status, detail=exc.detail,
+                   errors=errors)
+    return Response(_encode(body), status_code=exc.status, media_type=PROBLEM)
+
+
+def validation_error(exc: msgspec.ValidationError) -> InvalidInput:
+    """msgspec's `… - at `$.items[3].input`` becomes field `items[3].input`."""
+    message = str(exc)
+    match = _AT.search(message)
+    field = (match.group(1) or "body") if match else "body"
+    return InvalidInput(message, [{"field": field, "message": _AT.sub("", message)}])
+
+
+def decode_json(body: bytes, type_: Any) -> Any:
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise validation_error(exc) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def parse_jsonl(data: bytes, errors: list[dict]) -> Iterator[tuple]:
+    """Validate each line, yielding (line, entry_id, input, metadata) for the good ones.
+
+    Bad lines are added to `errors` (numbered from 1); the caller refuses the file if any.
+    Blank lines are skipped but still counted.
+    """
+    seen: set[str] = set()
+    for number, raw in enumerate(io.BytesIO(data), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = msgspec.json.decode(raw, type=ItemLine)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            if len(errors) < MAX_LINE_ERRORS:
+                errors.append({"line": number, "message": str(exc)})
+            continue
+        if line.entry_id is not None:
+            if line.entry_id in seen:
+                errors.append({"line": number,
+                               "message": f"duplicate entry_id {line.entry_id!r}"})
+                continue
+            seen.add(line.entry_id)
+        meta = None if line.metadata is None else _encode(line.metadata)
+        yield number, line.entry_id, bytes(line.input), meta
+
+
+def _checked_lines(data: bytes) -> Iterator[tuple]:
+    errors: list[dict] = []
+    yield from parse_jsonl(data, errors)
+    if errors:
+        raise InvalidInput(f"{len(errors)} bad line(s) in the file", errors)
+
+
+class Api:
+    """The route handlers, bound to one Minibatch."""
+
+    def __init__(self, mb: Minibatch) -> None:
+        self.mb = mb
+        self.auth = Authenticator(mb.store)
+        self.idempotency = Idempotency(mb.store)
+        self._openapi: bytes | None = None
+
+    # -- reading requests ----------
+
+    async def read_body(self, request: Request, limit: int) -> bytes:
+        """The body, refused with 413 as soon as it passes `limit` (never read whole)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def json_body(self, request: Request) -> bytes:
+        ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+        if ctype != JSON and not ctype.endswith("+json"):
+            raise UnsupportedMediaType(f"send {JSON}, not {ctype}")
+        return await self.read_body(request, self.mb.settings.max_json_bytes)
+
+    async def idempotent(self, request: Request, tenant: str, body: bytes,
+                         create: Callable[[tuple | None], Awaitable[Response]]) -> Response:
+        """Run `create` under the request's Idempotency-Key, if it has one."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return await create(None)
+        stored, body_hash = self.idempotency.check(tenant, key, body)
+        if stored is not None:
+            return Response(stored[2], status_code=stored[1], media_type=JSON,
+                            headers={"idempotent-replayed": "true"})
+        self.idempotency.in_flight.add((tenant, key))
+        try:
+            return await create((key, body_hash, 201, _encode_created))
+        finally:
+            self.idempotency.in_flight.discard((tenant, key))
+
+    @staticmethod
+    def page_args(request: Request, statuses: tuple[str, ...]
+                  ) -> tuple[str | None, int, str | None]:
+        q = request.query_params
+        status = q.get("status")
+        if status is not None and status not in statuses:
+            raise InvalidInput(f"unknown status {status!r}",
+                               [{"field": "status", "message": f"one of {', '.join(statuses)}"}])
+        raw_limit = q.get("limit", "100")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+            raise InvalidInput("limit must be an integer from 1 to 1000",
+                               [{"field": "limit", "message": "1-1000"}])
+        return status, int(raw_limit), q.get("after")
+
+    # -- routes ----------
+
+    async def create_file(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        limit = self.mb.settings.max_file_bytes
+        ctype = request.headers.get("content-type", "")
+        filename = None
+        if ctype.startswith("multipart/form-data"):
+            data, filename = await self._multipart_file(request, limit)
+        else:
+            data = await self.read_body(request, limit)
+
+        async def create(idem: tuple | None) -> Response:
+            file = self.mb.create_file(tenant, filename, len(data), _checked_lines(data), idem)
+            return json_response(file, 201)
+
+        return await self.idempotent(request, tenant, data, create)
+
+    async def _multipart_file(self, request: Request, limit: int) -> tuple[bytes, str | None]:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+        limited = Request(request.scope, _limited_receive(request.receive, limit))
+        try:
+            form = await limited.form(max_files=1, max_fields=10, max_part_size=1024 * 1024)
+        except HTTPException as exc:  # Starlette's multipart parser refuses bad forms
+            raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InvalidInput("multipart body needs a file field named 'file'",
+                               [{"field": "file", "message": "missing"}])
+        data = await upload.read()
+        await form.close()
+        return data, upload.filename
+
+    async def create_batch(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        body = await self.json_body(request)
+        spec = decode_json(body, BatchCreate)
+        if (spec.items is None) == (spec.input_file_id is None):
+            raise InvalidInput("send exactly one of items or input_file_id",
+                               [{"field": "items", "message": "items or input_file_id"}])
+        if spec.webhook is not None:
+            self._check_webhook_url(spec.webhook.url)
+
+        async def create(idem: tuple | None) -> Response:
+            batch = await self.mb.submit(
+                spec.kind, spec.items or (), webhook=spec.webhook, metadata=spec.metadata,
+                max_attempts=spec.max_attempts, item_timeout_s=spec.item_timeout_s,
+                concurrency=spec.concurrency, input_file_id=spec.input_file_id,
+                tenant=tenant, idempotency=idem)
+            return json_response(batch, 201)
+
+        return await self.idempotent(request, tenant, body, create)
+
+    def _check_webhook_url(self, url: str) -> None:
+        """A literal private address is refused up front (names resolve at send time)."""
+        from .delivery import blocked_reason
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInput("webhook.url must be an http(s) URL with a host",
+                               [{"field": "webhook.url", "message": "not an http(s) URL"}])
+        if self.mb.settings.allow_private_webhooks:
+            return
+        try:
+            reason = blocked_reason(parts.hostname)
+        except ValueError:
+            return  # a name, checked when it is resolved
+        if reason:
+            raise InvalidInput(f"webhook.url is refused: {reason}",
+                               [{"field": "webhook.url", "message": reason}])
+
+    async def list_batches(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        status, limit, after = self.page_args(request, _BATCH_STATUSES)
+        batches, more = self.mb.store.batches_list(tenant, status=status, limit=limit,
+                                                   after=after)
+        cursor = batches[-1].id if more else None
+        return json_response(BatchPage(batches, more, cursor))
+
+    async def get_batch(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        return json_response(await self.mb.get(request.path_params["batch_id"], tenant=tenant))
+
+    async def list_items(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        status, limit, after = self.page_args(request, _ITEM_STATUSES)
+        if after is not None and not (after.isdigit() and len(after) < 19):
+            raise InvalidInput(f"unknown cursor {after!r}",
+                               [{"field": "after", "message": "unknown cursor"}])
+        items, more = self.mb.store.items_page(
+            request.path_params["batch_id"], tenant, status=status, limit=limit,
+            after=-1 if after is None else int(after))
+        cursor = str(items[-1].index) if more else None
+        return json_response(ItemPage(items, more, cursor))
+
+    async def results(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        pages = self.mb.result_pages(request.path_params["batch_id"], tenant=tenant)
+        first = await anext(pages, None)  # a 404 is raised here, before streaming starts
+        return StreamingResponse(_result_lines(first, pages), media_type=JSONL)
+
+    async def cancel_batch(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        return json_response(await self.mb.cancel(request.path_params["batch_id"],
+                                                  tenant=tenant))
+
+    async def list_deliveries(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        deliveries = await self.mb.deliveries(request.path_params["batch_id"], tenant=tenant)
+        return json_response(DeliveryList(deliveries))
+
+    async def retry_delivery(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        delivery = await self.mb.redeliver(request.path_params["delivery_id"], tenant=tenant)
+        return json_response(delivery, 202)
+
+    async def rotate_secret(self, request: Request) -> Response:
+        tenant = self.auth.tenant(request)
+        body = await self.json_body(request)
+        spec = decode_json(body or b"{}", RotateSecret)
+        if not 0 <= spec.overlap_s <= 30 * 86400:
+            raise InvalidInput("overlap_s must be between 0 and 2592000 (30 days)",
+                               [{"field": "overlap_s", "message": "out of range"}])
+        return json_response(self.mb.rotate_secret(tenant, spec.overlap_s))
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response(Health("ok"))
+
+    async def metrics(self, request: Request) -> Response:
+        text = metrics.render(self.mb.store.counts(), self.mb.latency)
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    async def openapi(self, request: Request) -> Response:
+        if self._openapi is None:
+            from .openapi import document
+
+            self._openapi = _encode(document(ENDPOINTS))
+        return Response(self._openapi, media_type=JSON)
+
+
+def _encode_created(created: Any) -> bytes:
+    """The 201 body an idempotent replay sends: the created batch or file."""
+    from .store import BatchRow, batch_struct
+
+    if isinstance(created, BatchRow):
+        batch = batch_struct(created)
+        batch.deliveries, batch.failed_webhooks = models.DeliverySummary(), []
+        return _encode(batch)
+    return _encode(created)
+
+
+async def _result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tuple]]
+                        ) -> AsyncIterator[bytes]:
+    """JSONL lines; output and error are stored JSON and are passed through as Raw."""
+    from .store import item_id
+
+    page = first
+    while page:
+        yield b"".join(
+            _encode(Result(id=item_id(seq), entry_id=entry_id, status=status,
+                           output=None if out is None else msgspec.Raw(out),
+                           error=None if err is None else msgspec.Raw(err),
+                           attempts=attempts)) + b"\n"
+            for _, seq, entry_id, status, out, err, attempts in page)
+        page = await anext(rest, None)
+
+
+def _limited_receive(receive: Callable, limit: int) -> Callable:
+    seen = 0
+
+    async def limited() -> dict:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+        return message
+
+    return limited
+
+
+async def _problem_handler(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, MinibatchError):
+        return problem_response(exc)
+    assert isinstance(exc, HTTPException)
+    error = MinibatchError(exc.detail)
+    error.status = exc.status_code
+    error.title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code,
+                                                                  "HTTP error")
+    response = problem_response(error)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error serving %s %s", request.method, request.url.path)
+    return problem_response(MinibatchError("internal error; see the server log"))
+
+
+def create_app(mb: Minibatch) -> Starlette:
+    api = Api(mb)
+    routes = [Route(e.path, getattr(api, e.name), methods=[e.method]) for e in ENDPOINTS]
+    return Starlette(routes=routes, exception_handlers={
+        MinibatchError: _problem_handler, HTTPException: _problem_handler,
+        Exception: _server_error})
+

@@ -1,0 +1,92 @@
+"""API keys, the tenant of a request, and idempotency keys.
+
+Keys are random and stored only as their SHA-256 digest; a request's key is hashed and
+looked up by digest, so neither the lookup's timing nor the database reveals a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from starlette.requests import Request
+
+from .errors import Conflict, InvalidInput, Unauthorized
+from .signing import new_secret
+from .store import Store, new_id
+
+KEY_PREFIX = "mb_"
+IDEMPOTENCY_WINDOW_S = 24 * 3600.0
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def hash_key(api_key: str) -> bytes:
+    return hashlib.sha256(api_key.encode()).digest()
+
+
+def create_tenant_key(store: Store, tenant: str) -> dict[str, str]:
+    """A new API key for `tenant` (created if new), and the tenant's signing secret."""
+    if not tenant or len(tenant) > 200:
+        raise InvalidInput("tenant must be 1-200 characters",
+                           [{"field": "tenant", "message": "bad length"}])
+    api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+    now = time.time()
+    store.tenant_create(tenant, hash_key(api_key), new_id("secret"), new_secret(), now)
+    secret = store.secrets_active(tenant, now)[0][1]
+    return {"tenant": tenant, "api_key": api_key, "webhook_secret": secret}
+
+
+class Authenticator:
+    """Finds the tenant of a request from `Authorization: Bearer` or `x-api-key`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._known: dict[bytes, str] = {}  # keys are never revoked, so a hit stays true
+
+    def tenant(self, request: Request) -> str:
+        key = request.headers.get("x-api-key")
+        if key is None:
+            scheme, _, value = request.headers.get("authorization", "").partition(" ")
+            key = value.strip() if scheme.lower() == "bearer" else None
+        if not key:
+            raise Unauthorized("missing API key: send Authorization: Bearer <key> or x-api-key")
+        digest = hash_key(key)
+        tenant = self._known.get(digest)
+        if tenant is None:
+            tenant = self.store.tenant_by_key(digest)
+            if tenant is None:
+                raise Unauthorized("unknown API key")
+            self._known[digest] = tenant
+        return tenant
+
+
+class Idempotency:
+    """IETF Idempotency-Key: replay the first 201 for the same key and body for 24 h.
+
+    The key is stored in the same transaction as what the request created; a key still
+    in flight is a 409, a reused key with another body a 422.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.in_flight: set[tuple[str, str]] = set()
+
+    def check(self, tenant: str, key: str, body: bytes
+              ) -> tuple[tuple[bytes, int, bytes] | None, bytes]:
+        """Return ((body_hash, status, response) to replay, or None to go ahead; body_hash).
+
+        The caller adds (tenant, key) to `in_flight` while it works, and removes it after.
+        """
+        if not key or len(key) > IDEMPOTENCY_KEY_MAX:
+            raise InvalidInput("Idempotency-Key must be 1-255 characters",
+                               [{"field": "Idempotency-Key", "message": "bad length"}])
+        if (tenant, key) in self.in_flight:
+            raise Conflict("a request with this Idempotency-Key is still in flight")
+        body_hash = hashlib.sha256(body).digest()
+        stored = self.store.idempotency_get(tenant, key, time.time() - IDEMPOTENCY_WINDOW_S)
+        if stored is not None and stored[0] != body_hash:
+            raise InvalidInput(
+                "this Idempotency-Key was used with a different request body",
+                [{"field": "Idempotency-Key", "message": "reused with another body"}])
+        return stored, body_hash

@@ -1,0 +1,289 @@
+"""The `minibatch` command: serve, keys, submit, status, results, demo.
+
+Server flags, `MINIBATCH_*` variables and `Settings` fields are three doors to the same
+values. Client commands import only httpx, so they start fast, and report an
+unreachable server, a bad key or a missing file as one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class CliError(Exception):
+    """One line for stderr, and the exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- serve and keys ----------
+
+
+def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags over `MINIBATCH_*` variables over Settings defaults."""
+    from .config import env_options
+
+    options: dict[str, Any] = env_options()
+    for name in ("db", "host", "port", "handlers", "webhook_retry_schedule", "synchronous"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    if args.allow_private_webhooks:
+        options["allow_private_webhooks"] = True
+    elif "allow_private_webhooks" in options:
+        options["allow_private_webhooks"] = options["allow_private_webhooks"].lower() in (
+            "1", "true", "yes", "on")
+    return options
+
+
+def build_instance(options: dict[str, Any]) -> Any:
+    """A Minibatch with the built-in kinds and those of the --handlers module."""
+    import importlib
+
+    from .app import Minibatch
+    from .handlers import DECLARED
+    from .kinds import register_builtin_kinds
+
+    mb = Minibatch(options.pop("db", "minibatch.db"), **options)
+    if mb.settings.handlers:
+        sys.path.insert(0, os.getcwd())
+        try:
+            importlib.import_module(mb.settings.handlers)
+        except ImportError as exc:
+            raise CliError(f"cannot import --handlers {mb.settings.handlers}: {exc}") from None
+        for kind, fn, limits in DECLARED:
+            mb.handler(kind, **limits)(fn)
+    register_builtin_kinds(mb)
+    return mb
+
+
+async def serve_until_signalled(mb: Any, host: str, port: int, *, quiet: bool = False) -> None:
+    """Run the API under uvicorn and the runner in the same loop; SIGTERM/SIGINT stop
+    the server, then in-flight items finish or go back to the queue."""
+    import uvicorn
+
+    config = uvicorn.Config(mb.asgi(), host=host, port=port, access_log=False,
+                            log_level="warning" if quiet else "info", lifespan="off",
+                            http="httptools")
+    async with mb:
+        await uvicorn.Server(config).serve()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import anyio
+
+    from .errors import MinibatchError
+
+    try:
+        mb = build_instance(serve_settings(args))
+    except MinibatchError as exc:
+        raise CliError(exc.detail) from None
+    s = mb.settings
+    try:
+        anyio.run(serve_until_signalled, mb, s.host, s.port,
+                  backend_options={"use_uvloop": True})
+    finally:
+        mb.close()
+    return 0
+
+
+def _store(db: str | None) -> Any:
+    from .config import make_settings
+    from .errors import MinibatchError
+    from .store import Store
+
+    try:
+        settings = make_settings(db=db or os.environ.get("MINIBATCH_DB", "minibatch.db"))
+        return Store(settings.db, webhook_schedule=settings.webhook_retry_schedule)
+    except MinibatchError as exc:
+        raise CliError(exc.detail) from None
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import time
+
+    from .auth import create_tenant_key
+    from .errors import MinibatchError
+    from .signing import new_secret
+    from .store import new_id
+
+    store = _store(args.db)
+    try:
+        if args.keys_command == "create":
+            out = create_tenant_key(store, args.tenant)
+        else:
+            secret_id, secret = new_id("secret"), new_secret()
+            store.secret_rotate(args.tenant, secret_id, secret, args.overlap, time.time())
+            out = {"tenant": args.tenant, "webhook_secret": secret, "secret_id": secret_id}
+    except MinibatchError as exc:
+        raise CliError(exc.detail) from None
+    finally:
+        store.close()
+    print(json.dumps(out))
+    return 0
+
+
+# -- client commands ----------
+
+
+class Client:
+    """A thin httpx client that turns transport and HTTP errors into CliErrors."""
+
+    def __init__(self, url: str | None) -> None:
+        import httpx
+
+        self.httpx = httpx
+        self.url = (url or os.environ.get("MINIBATCH_URL") or DEFAULT_URL).rstrip("/")
+        key = os.environ.get("MINIBATCH_API_KEY")
+        if not key:
+            raise CliError("set MINIBATCH_API_KEY (see: minibatch keys create --tenant NAME)")
+        self.client = httpx.Client(base_url=self.url, timeout=30,
+                                   headers={"Authorization": f"Bearer {key}"})
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except self.httpx.TransportError as exc:
+            raise CliError(f"cannot reach the minibatch server at {self.url}: {exc}") from None
+        self._raise_for(response)
+        return response
+
+    def stream_to(self, path: str, out: Any) -> None:
+        try:
+            with self.client.stream("GET", path) as response:
+                if response.is_error:
+                    response.read()
+                    self._raise_for(response)
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        except self.httpx.TransportError as exc:
+            raise CliError(f"cannot reach the minibatch server at {self.url}: {exc}") from None
+
+    @staticmethod
+    def _raise_for(response: Any) -> None:
+        if response.status_code == 401:
+            raise CliError("the server refused the API key (MINIBATCH_API_KEY)")
+        if response.is_error:
+            try:
+                problem = response.json()
+                detail = problem.get("detail", "")
+                errors = "; ".join(f"{e.get('field') or 'line ' + str(e.get('line'))}: "
+                                   f"{e['message']}" for e in problem.get("errors", [])[:5])
+            except ValueError:
+                detail, errors = response.text[:200], ""
+            raise CliError(f"HTTP {response.status_code}: {detail}"
+                           + (f" ({errors})" if errors else ""))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+    client = Client(args.url)
+    file = client.request("POST", "/v1/files", content=data,
+                          headers={"content-type": "application/jsonl"}).json()
+    body: dict[str, Any] = {"kind": args.kind, "input_file_id": file["id"]}
+    if args.webhook_url:
+        body["webhook"] = {"url": args.webhook_url}
+    batch = client.request("POST", "/v1/batches", json=body).json()
+    print(batch["id"], flush=True)
+    if not args.wait:
+        return 0
+    from .progress import follow
+
+    final = follow(lambda: client.request("GET", f"/v1/batches/{batch['id']}").json())
+    return 0 if final["status"] == "completed" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    batch = Client(args.url).request("GET", f"/v1/batches/{args.batch_id}").json()
+    print(json.dumps(batch, indent=2))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    Client(args.url).stream_to(f"/v1/batches/{args.batch_id}/results", sys.stdout.buffer)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(items=args.items)
+
+
+# -- argument parsing ----------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minibatch", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP API and the workers")
+    s.add_argument("--db", help="database file (MINIBATCH_DB; default minibatch.db)")
+    s.add_argument("--host", help="MINIBATCH_HOST; default 127.0.0.1")
+    s.add_argument("--port", type=int, help="MINIBATCH_PORT; default 8000")
+    s.add_argument("--handlers", help="module whose @minibatch.handler kinds to serve")
+    s.add_argument("--allow-private-webhooks", action="store_true",
+                   help="allow webhooks to loopback and private addresses")
+    s.add_argument("--webhook-retry-schedule",
+                   help="seconds before each attempt, e.g. 0,5,300 (its length = attempts)")
+    s.add_argument("--synchronous", choices=("normal", "full"),
+                   help="normal survives a process crash; full also power loss")
+    s.set_defaults(run=cmd_serve)
+
+    k = sub.add_parser("keys", help="API keys and webhook secrets")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="a new API key for a tenant")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--db")
+    kr = ksub.add_parser("rotate-secret", help="a new primary webhook signing secret")
+    kr.add_argument("--tenant", required=True)
+    kr.add_argument("--overlap", type=float, default=86400.0,
+                    help="seconds the old secret keeps signing (default 86400)")
+    kr.add_argument("--db")
+    k.set_defaults(run=cmd_keys)
+
+    for name, helptext, fn in (("submit", "submit a JSONL file as a batch", cmd_submit),
+                               ("status", "print a batch", cmd_status),
+                               ("results", "write a batch's results (JSONL) to stdout",
+                                cmd_results)):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--url", help=f"server URL (MINIBATCH_URL; default {DEFAULT_URL})")
+        if name == "submit":
+            c.add_argument("file")
+            c.add_argument("--kind", required=True)
+            c.add_argument("--wait", action="store_true", help="follow it to the end")
+            c.add_argument("--webhook-url")
+        else:
+            c.add_argument("batch_id")
+        c.set_defaults(run=fn)
+
+    d = sub.add_parser("demo", help="a self-contained run: server, batch, signed webhook")
+    d.add_argument("--items", type=int, default=2000)
+    d.set_defaults(run=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = parser().parse_args(argv)
+    try:
+        code = args.run(args)
+    except CliError as exc:
+        print(f"minibatch: {exc}", file=sys.stderr)
+        code = exc.code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
