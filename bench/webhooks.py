@@ -27,7 +27,8 @@ core or an event loop with the sender):
 
 Reference figures and goals: /work/shared/MEASURED.md, "Webhook delivery" and "Encoding and
 signing" (aiohttp alone ~9.8k/s, httpx shared client ~0.7k/s; msgspec + sign ~3.6 us, json +
-hmac ~8.8 us).
+hmac ~8.8 us). Goal: minibatch end to end >= 2,000 deliveries/s (the issue), >= 5,000/s
+(MEASURED.md), every attempt recorded. `--profile` runs the minibatch part under cProfile.
 
     .venv/bin/python bench/webhooks.py --peer httpx
 """
@@ -56,7 +57,7 @@ from typing import Any
 
 CONCURRENCY = 50  # deliveries in flight, for minibatch and every client alike
 POLL_S = 0.01  # how often the bench looks at the batch and the pending deliveries
-GOAL_RATE = 2_000.0  # deliveries/s end to end (the issue; MEASURED.md hopes for 5k)
+GOALS = {"the issue": 2_000.0, "MEASURED.md": 5_000.0}  # deliveries/s, every attempt recorded
 CODEC_LOOPS = 20_000  # payloads per timed run of encode / sign
 CODEC_RUNS = 5
 
@@ -453,8 +454,10 @@ def table(results: dict[str, dict[str, Any]]) -> None:
     if "httpx" in results:
         print(f"\naiohttp / httpx (both without a store): "
               f"{results['aiohttp']['rate'] / results['httpx']['rate']:.1f}x")
-    verdict = "met" if mb >= GOAL_RATE else "MISSED"
-    print(f"goal minibatch >= {GOAL_RATE:,.0f} deliveries/s end to end: {mb:,.0f}/s, {verdict}")
+    for source, goal in GOALS.items():
+        verdict = "met" if mb >= goal else "MISSED"
+        print(f"goal minibatch >= {goal:,.0f} deliveries/s end to end ({source}): {mb:,.0f}/s, "
+              f"{verdict}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

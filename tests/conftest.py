@@ -22,3 +22,73 @@ def mb(db_path):
     instance = minibatch.Minibatch(db_path, lease_s=5, retry_base_s=0.01, poll_interval_s=0.02)
     yield instance
     instance.close()
+
+
+class ServerThread:
+    """A real uvicorn server for one Minibatch, on 127.0.0.1 and a free port, run in a
+    thread with its own event loop, so tests talk to it over real HTTP."""
+
+    def __init__(self, db_path: str, **options) -> None:
+        import threading
+
+        from minibatch.kinds import register_builtin_kinds
+        from tests.receiver import free_port
+
+        options.setdefault("allow_private_webhooks", True)
+        options.setdefault("poll_interval_s", 0.02)
+        self.mb = minibatch.Minibatch(db_path, **options)
+        register_builtin_kinds(self.mb)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import anyio
+        import uvicorn
+
+        async def main() -> None:
+            config = uvicorn.Config(self.mb.asgi(), host="127.0.0.1", port=self.port,
+                                    lifespan="off", log_level="warning", access_log=False)
+            self.server = uvicorn.Server(config)
+            async with self.mb:
+                await self.server.serve()
+
+        anyio.run(main)
+
+    def start(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not (self.server and self.server.started):
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def key(self, tenant: str) -> str:
+        from minibatch.auth import create_tenant_key
+
+        return create_tenant_key(self.mb.store, tenant)["api_key"]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.mb.close()
+
+
+@pytest.fixture
+def server(db_path):
+    srv = ServerThread(db_path, max_json_bytes=1024 * 1024, max_file_bytes=2 * 1024 * 1024,
+                       webhook_retry_schedule="0,0.05,0.05")
+    yield srv.start()
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=10,
+                      headers={"Authorization": f"Bearer {server.key('acme')}"}) as c:
+        yield c
