@@ -26,7 +26,6 @@ from .store import Store, item_id, new_id
 
 DEFAULT_TENANT = "default"
 RESULTS_PAGE = 1000
-SHUTDOWN_GRACE_S = 10.0
 _decode = msgspec.json.decode
 
 
@@ -68,17 +67,19 @@ class Minibatch:
         await self.deliverer.run(self._task_group)
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
+    async def __aexit__(self, *exc_info: Any) -> None:
         assert self._task_group is not None and self.runner is not None
         with anyio.CancelScope(shield=True):
-            await self.runner.drain(SHUTDOWN_GRACE_S)
+            await self.runner.drain(self.settings.shutdown_grace_s)
             if self.deliverer is not None:
                 await self.deliverer.close()
             for cleanup in self._on_close:
                 await cleanup()
         self._task_group.cancel_scope.cancel()
         try:
-            return await self._task_group.__aexit__(*exc_info)
+            # The body's own exception is not handed to the task group, so it propagates
+            # as itself rather than wrapped in an ExceptionGroup.
+            await self._task_group.__aexit__(None, None, None)
         finally:
             self._task_group = self.runner = self.deliverer = None
 

@@ -8,10 +8,11 @@ unreachable server, a bad key or a missing file as one line on stderr, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -39,9 +40,6 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
             options[name] = value
     if args.allow_private_webhooks:
         options["allow_private_webhooks"] = True
-    elif "allow_private_webhooks" in options:
-        options["allow_private_webhooks"] = options["allow_private_webhooks"].lower() in (
-            "1", "true", "yes", "on")
     return options
 
 
@@ -67,15 +65,34 @@ def build_instance(options: dict[str, Any]) -> Any:
 
 
 async def serve_until_signalled(mb: Any, host: str, port: int, *, quiet: bool = False) -> None:
-    """Run the API under uvicorn and the runner in the same loop; SIGTERM/SIGINT stop
-    the server, then in-flight items finish or go back to the queue."""
+    """Run the API under uvicorn and the runner in the same loop until SIGTERM/SIGINT,
+    then stop the server, let in-flight items finish or go back to the queue, and return
+    (so the process exits 0)."""
+    import signal
+
+    import anyio
     import uvicorn
 
-    config = uvicorn.Config(mb.asgi(), host=host, port=port, access_log=False,
-                            log_level="warning" if quiet else "info", lifespan="off",
-                            http="httptools")
-    async with mb:
-        await uvicorn.Server(config).serve()
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises a captured SIGTERM when it stops, which would end the
+            # process before the runner hands its items back; the signals are ours here.
+            yield
+
+    async def stop_on_signal(server: uvicorn.Server) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                server.should_exit = True
+                return
+
+    server = Server(uvicorn.Config(mb.asgi(), host=host, port=port, access_log=False,
+                                   log_level="warning" if quiet else "info", lifespan="off",
+                                   http="httptools"))
+    async with mb, anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signal, server)
+        await server.serve()
+        tg.cancel_scope.cancel()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     claim_size: int = 100
     poll_interval_s: float = 0.2
     default_max_attempts: int = 3
+    shutdown_grace_s: float = 10.0  # on stop, running items get this long to finish
     retry_base_s: float = 1.0
     retry_cap_s: float = 60.0
     # Webhooks

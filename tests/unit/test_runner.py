@@ -313,7 +313,7 @@ async def test_stored_batch_of_a_kind_with_no_handler_fails_at_start(db_path):
 
 
 async def test_leaving_the_context_hands_running_items_back(db_path):
-    mb = minibatch.Minibatch(db_path)
+    mb = minibatch.Minibatch(db_path, shutdown_grace_s=0.1)
     started = anyio.Event()
 
     @mb.handler("long", concurrency=2)
@@ -321,18 +321,14 @@ async def test_leaving_the_context_hands_running_items_back(db_path):
         started.set()
         await anyio.sleep(60)
 
-    import minibatch.app as app_module
-    grace, app_module.SHUTDOWN_GRACE_S = app_module.SHUTDOWN_GRACE_S, 0.1
-    try:
-        async with mb:
-            batch = await mb.submit("long", [{"input": i} for i in range(3)])
-            await started.wait()
-    finally:
-        app_module.SHUTDOWN_GRACE_S = grace
+    async with mb:
+        batch = await mb.submit("long", [{"input": i} for i in range(3)])
+        await started.wait()
     after = await mb.get(batch.id)
+    items = mb.store.items_page(batch.id, None, status=None, limit=10, after=-1)[0]
     mb.close()
     assert after.metrics.queued == 3 and after.metrics.running == 0
-    assert mb.store.conn is not None
+    assert [i.attempts for i in items] == [0, 0, 0]  # handed back, not counted
 
 
 def test_run_batch_sync_facade():
@@ -340,3 +336,15 @@ def test_run_batch_sync_facade():
                                          [{"input": i} for i in range(5)])
     assert batch.status == "completed"
     assert [r.output for r in results] == [1, 2, 3, 4, 5]
+
+
+async def test_an_error_inside_the_context_propagates_as_itself(mb):
+    @mb.handler("echo")
+    async def echo(item):
+        return item.input
+
+    with pytest.raises(TimeoutError):
+        async with mb:
+            batch = await mb.submit("echo", [{"input": 1}])
+            await mb.wait(batch.id, timeout=10)
+            raise TimeoutError("from the body")

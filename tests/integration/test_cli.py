@@ -1,0 +1,205 @@
+"""The `minibatch` command as users run it: subprocesses against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.receiver import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minibatch", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_clear_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minibatch: "), proc.stderr
+    return lines[0]
+
+
+class Served:
+    """`minibatch serve` in a subprocess, configured through MINIBATCH_* variables."""
+
+    def __init__(self, tmp_path: Path, *flags: str, env: dict | None = None) -> None:
+        self.db = str(tmp_path / "served.db")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "MINIBATCH_DB": self.db, "MINIBATCH_PORT": str(self.port),
+                    "MINIBATCH_SHUTDOWN_GRACE_S": "0.5", **(env or {})}
+        self.log = tmp_path / f"serve-{self.port}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "minibatch", "serve", *flags], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        self.key = json.loads(cli("keys", "create", "--tenant", "cli", "--db", self.db).stdout)
+        self.client_env = {"MINIBATCH_URL": self.url,
+                           "MINIBATCH_API_KEY": self.key["api_key"]}
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def served(tmp_path):
+    srv = Served(tmp_path, "--allow-private-webhooks", "--webhook-retry-schedule", "0,0.1")
+    yield srv
+    srv.stop()
+
+
+def write_jsonl(path: Path, items: list[dict]) -> str:
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return str(path)
+
+
+def test_keys_create_prints_one_json_line_and_the_key_works_at_once(served):
+    created = cli("keys", "create", "--tenant", "acme", "--db", served.db)
+    assert created.returncode == 0
+    [line] = created.stdout.splitlines()
+    out = json.loads(line)
+    assert set(out) == {"tenant", "api_key", "webhook_secret"} and out["tenant"] == "acme"
+    assert out["webhook_secret"].startswith("whsec_")
+    got = httpx.get(served.url + "/v1/batches", headers={"x-api-key": out["api_key"]})
+    assert got.status_code == 200
+
+
+def test_rotate_secret_prints_the_new_secret(served):
+    rotated = cli("keys", "rotate-secret", "--tenant", "cli", "--overlap", "60",
+                  "--db", served.db)
+    out = json.loads(rotated.stdout)
+    assert rotated.returncode == 0 and out["tenant"] == "cli"
+    assert out["webhook_secret"] != served.key["webhook_secret"] and out["secret_id"]
+
+
+def test_submit_wait_status_results(served, tmp_path):
+    items = [{"input": {"n": i}, "entry_id": f"e{i}"} for i in range(300)]
+    submitted = cli("submit", write_jsonl(tmp_path / "in.jsonl", items), "--kind", "echo",
+                    "--wait", env=served.client_env)
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    assert re.fullmatch(r"batch_[0-9a-f]+", batch_id)
+    assert "completed 300/300 done" in submitted.stderr  # plain lines without a terminal
+    status = cli("status", batch_id, env=served.client_env)
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["status"] == "completed"
+    results = cli("results", batch_id, env=served.client_env)
+    lines = [json.loads(line) for line in results.stdout.splitlines()]
+    assert results.returncode == 0 and len(lines) == 300
+    assert lines[7] == {"id": lines[7]["id"], "entry_id": "e7", "status": "succeeded",
+                        "output": {"n": 7}, "error": None, "attempts": 1}
+
+
+def test_submit_wait_exits_non_zero_when_the_batch_fails(served, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"input": {"seconds": -1}}] * 3)
+    submitted = cli("submit", bad, "--kind", "sleep", "--wait", env=served.client_env)
+    assert submitted.returncode == 1
+    assert "failed 3/3 done, 3 failed" in submitted.stderr
+
+
+def test_client_errors_are_one_line_and_non_zero(served, tmp_path):
+    good = write_jsonl(tmp_path / "ok.jsonl", [{"input": 1}])
+    unreachable = {**served.client_env, "MINIBATCH_URL": f"http://127.0.0.1:{free_port()}"}
+    assert "cannot reach" in one_clear_line(cli("submit", good, "--kind", "echo",
+                                                env=unreachable))
+    bad_key = {**served.client_env, "MINIBATCH_API_KEY": "mb_wrong"}
+    assert "API key" in one_clear_line(cli("status", "batch_x", env=bad_key))
+    assert "cannot read" in one_clear_line(cli("submit", str(tmp_path / "missing.jsonl"),
+                                               "--kind", "echo", env=served.client_env))
+    assert "404" in one_clear_line(cli("status", "batch_nope", env=served.client_env))
+    assert "404" in one_clear_line(cli("results", "batch_nope", env=served.client_env))
+    no_key = {k: v for k, v in served.client_env.items() if k != "MINIBATCH_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k != "MINIBATCH_API_KEY"} | no_key
+    proc = subprocess.run([sys.executable, "-m", "minibatch", "status", "batch_x"],
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert "MINIBATCH_API_KEY" in one_clear_line(proc)
+    bad_line = write_jsonl(tmp_path / "bad.jsonl", [{"input": 1}, {"nope": 1}])
+    assert "line 2" in one_clear_line(cli("submit", bad_line, "--kind", "echo",
+                                          env=served.client_env))
+
+
+def test_sigterm_hands_running_items_back_and_exits_0(tmp_path):
+    srv = Served(tmp_path)
+    items = write_jsonl(tmp_path / "slow.jsonl", [{"input": {"seconds": 60}}] * 5)
+    batch_id = cli("submit", items, "--kind", "sleep", env=srv.client_env).stdout.strip()
+    headers = {"x-api-key": srv.key["api_key"]}
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{srv.url}/v1/batches/{batch_id}",
+                    headers=headers).json()["metrics"]["running"] < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    started = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - started < 10
+    restarted = Served(tmp_path)
+    batch = httpx.get(f"{restarted.url}/v1/batches/{batch_id}",
+                      headers={"x-api-key": restarted.key["api_key"]}).json()
+    restarted.stop()
+    assert batch["metrics"]["queued"] + batch["metrics"]["running"] == 5
+    assert batch["status"] == "running"
+
+
+def test_handlers_module_kinds_are_served(tmp_path):
+    (tmp_path / "myhandlers.py").write_text(
+        "import minibatch\n\n"
+        "@minibatch.handler('shout', concurrency=4)\n"
+        "async def shout(item):\n"
+        "    return item.input.upper()\n")
+    srv = Served(tmp_path, "--handlers", "myhandlers")
+    try:
+        items = write_jsonl(tmp_path / "words.jsonl", [{"input": "hi"}, {"input": "yo"}])
+        batch_id = cli("submit", items, "--kind", "shout", "--wait",
+                       env=srv.client_env).stdout.strip()
+        out = cli("results", batch_id, env=srv.client_env).stdout.splitlines()
+        assert [json.loads(line)["output"] for line in out] == ["HI", "YO"]
+    finally:
+        assert srv.stop() == 0
+
+
+def test_bad_server_flags_are_one_line(tmp_path):
+    proc = cli("serve", "--webhook-retry-schedule", "soon", "--db", str(tmp_path / "x.db"))
+    assert "webhook_retry_schedule" in one_clear_line(proc)
+    proc = cli("serve", "--handlers", "no_such_module_here", "--db", str(tmp_path / "x.db"))
+    assert "no_such_module_here" in one_clear_line(proc)
+
+
+def test_demo_verifies_its_webhook_within_30_seconds():
+    started = time.monotonic()
+    proc = cli("demo", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verified" in proc.stdout.splitlines() and "signature verified" in proc.stdout
+    assert time.monotonic() - started < 30
+
+
+def test_readme_python_example_runs_as_written(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "succeeded" in proc.stdout
