@@ -203,3 +203,14 @@ def test_readme_python_example_runs_as_written(tmp_path):
                           cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "succeeded" in proc.stdout
+
+
+def test_readme_curl_example_runs_as_written(served):
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "curl" in b)
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **served.client_env})
+    assert proc.returncode == 0, proc.stderr
+    status, result = proc.stdout.strip().splitlines()[-2:]
+    assert '"status":"completed"' in status.replace(" ", "")
+    assert json.loads(result)["output"] == {"hello": "world"}
