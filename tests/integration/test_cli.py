@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,13 +14,9 @@ import httpx
 import pytest
 
 from tests.receiver import free_port
+from tests.serve import Served, cli
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minibatch", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def one_clear_line(proc: subprocess.CompletedProcess) -> str:
@@ -30,40 +25,6 @@ def one_clear_line(proc: subprocess.CompletedProcess) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minibatch: "), proc.stderr
     return lines[0]
-
-
-class Served:
-    """`minibatch serve` in a subprocess, configured through MINIBATCH_* variables."""
-
-    def __init__(self, tmp_path: Path, *flags: str, env: dict | None = None) -> None:
-        self.db = str(tmp_path / "served.db")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "MINIBATCH_DB": self.db, "MINIBATCH_PORT": str(self.port),
-                    "MINIBATCH_SHUTDOWN_GRACE_S": "0.5", **(env or {})}
-        self.log = tmp_path / f"serve-{self.port}.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "minibatch", "serve", *flags], env=self.env,
-                stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        self.key = json.loads(cli("keys", "create", "--tenant", "cli", "--db", self.db).stdout)
-        self.client_env = {"MINIBATCH_URL": self.url,
-                           "MINIBATCH_API_KEY": self.key["api_key"]}
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
 
 
 @pytest.fixture
