@@ -225,7 +225,7 @@ class Deliverer:
         try:
             async with self.session.post(url, data=payload, headers=headers,
                                          allow_redirects=False) as resp:
-                raw = await resp.content.read(RESPONSE_READ_LIMIT)
+                raw = await read_capped(resp, RESPONSE_READ_LIMIT)
                 body = raw[:RESPONSE_STORE_LIMIT].decode("utf-8", "replace")
                 if 200 <= resp.status < 300:
                     return resp.status, body, None, None, None
@@ -262,6 +262,19 @@ class Deliverer:
             except BaseException:
                 self.records[:0] = records
                 raise
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to its end or `limit` bytes, whichever comes first (the per-attempt
+    timeout bounds a body that trickles forever)."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def literal_blocked(url: str) -> str | None:

@@ -13,7 +13,7 @@ import aiohttp
 import anyio
 import msgspec
 
-from .delivery import GuardedResolver, literal_blocked, retry_after_s
+from .delivery import GuardedResolver, literal_blocked, read_capped, retry_after_s
 from .errors import Fail, Retry
 from .models import Item
 
@@ -66,7 +66,7 @@ class HttpKind:
             async with self._session().request(
                     spec.method, spec.url, json=spec.body, headers=spec.headers,
                     allow_redirects=False) as resp:
-                raw = await resp.content.read(RESPONSE_LIMIT)
+                raw = await read_capped(resp, RESPONSE_LIMIT)
                 if resp.status == 429 or resp.status >= 500:
                     raise Retry(after=retry_after_s(resp.headers.get("Retry-After"), 0) or None,
                                 message=f"HTTP {resp.status}")

@@ -2,7 +2,10 @@
 
 Each request takes the next action from `script` (then `default`): an int status, or
 ("hang", seconds), ("drop",) to close the socket without answering, ("redirect",),
-("retry_after", status, value), ("huge", n_bytes), ("endless",), ("garbage",).
+("retry_after", status, value), ("huge", n_bytes) a 500 with a big body,
+("endless",) a 200 whose chunked body trickles forever, ("slowloris",) headers and then
+no body, ("half",) part of the body and then a closed socket, ("garbage",) bytes that are
+not HTTP.
 Every request's headers, body and arrival time are kept in `requests`.
 """
 
@@ -60,8 +63,13 @@ class Receiver:
             self.reply(h, 302, b"", {"Location": self.url + "/elsewhere"})
         elif kind == "retry_after":
             self.reply(h, action[1], b"busy", {"Retry-After": action[2]})
-        elif kind == "huge":
-            self.reply(h, 500, b"x" * action[1])
+        elif kind == "huge":  # written in chunks, so the receiver itself stays small
+            h.send_response(500)
+            h.send_header("Content-Length", str(action[1]))
+            h.end_headers()
+            chunk = b"x" * 65536
+            for _ in range(action[1] // len(chunk)):
+                h.wfile.write(chunk)
         elif kind == "endless":
             h.send_response(200)
             h.send_header("Transfer-Encoding", "chunked")
@@ -71,7 +79,21 @@ class Receiver:
                     h.wfile.write(b"400\r\n" + b"y" * 1024 + b"\r\n")
                 except OSError:
                     return
-                time.sleep(0.01)
+                time.sleep(0.05)
+        elif kind == "slowloris":
+            h.send_response(200)
+            h.send_header("Content-Length", "100")
+            h.end_headers()
+            h.wfile.flush()
+            self.stopped.wait(30)
+        elif kind == "half":
+            h.send_response(200)
+            h.send_header("Content-Length", "1000")
+            h.end_headers()
+            h.wfile.write(b"x" * 10)
+            h.wfile.flush()
+            h.connection.shutdown(socket.SHUT_RDWR)
+            h.close_connection = True
         elif kind == "garbage":
             h.wfile.write(b"\x16\x03\x01 not http at all\r\n\r\n")
             h.close_connection = True
