@@ -126,8 +126,10 @@ def decode_json(body: bytes, type_: Any) -> Any:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
 
 
 def parse_jsonl(data: bytes, errors: list[dict]) -> Iterator[tuple]:
@@ -141,10 +143,12 @@ def parse_jsonl(data: bytes, errors: list[dict]) -> Iterator[tuple]:
         if not raw.strip():
             continue
         try:
+            raw.decode()  # msgspec keeps a Raw's bytes unchecked; stored input must be UTF-8
             line = msgspec.json.decode(raw, type=ItemLine)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            if len(errors) < MAX_LINE_ERRORS:
-                errors.append({"line": number, "message": str(exc)})
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError,
+                RecursionError) as exc:
+            message = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            errors.append({"line": number, "message": message})
             continue
         if line.entry_id is not None:
             if line.entry_id in seen:
@@ -160,7 +164,9 @@ def _checked_lines(data: bytes) -> Iterator[tuple]:
     errors: list[dict] = []
     yield from parse_jsonl(data, errors)
     if errors:
-        raise InvalidInput(f"{len(errors)} bad line(s) in the file", errors)
+        raise InvalidInput(f"{len(errors)} bad line(s) in the file (the first"
+                           f" {min(len(errors), MAX_LINE_ERRORS)} are listed)",
+                           errors[:MAX_LINE_ERRORS])
 
 
 class Api:

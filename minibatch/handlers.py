@@ -107,7 +107,7 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
                                backoff(item.attempt, *backoff_s), now)
         try:
             output = models.encoder.encode(value)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, msgspec.EncodeError, RecursionError) as exc:
             return _end(claimed, "failed", None,
                         error_bytes("output_not_json", f"handler returned {exc}"))
         return _end(claimed, "succeeded", output, None)

@@ -367,7 +367,7 @@ class Store:
             try:
                 encoded = _encode(item.input)
                 meta = None if item.metadata is None else _encode(item.metadata)
-            except (TypeError, msgspec.EncodeError) as exc:
+            except (TypeError, msgspec.EncodeError, RecursionError) as exc:
                 raise InvalidInput(
                     f"item {index} is not JSON-encodable: {exc}",
                     [{"field": f"items[{index}].input", "message": str(exc)}]) from None
