@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,8 @@ def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.
 class Served:
     """`minibatch serve` in a subprocess, configured through MINIBATCH_* variables."""
 
-    def __init__(self, tmp_path: Path, *flags: str, env: dict | None = None) -> None:
+    def __init__(self, tmp_path: Path, *flags: str, env: dict | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.db = str(tmp_path / "served.db")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -33,7 +35,8 @@ class Served:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "minibatch", "serve", *flags], env=self.env,
-                stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+                stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                preexec_fn=preexec_fn)
         deadline = time.monotonic() + 20
         while True:
             try:
