@@ -237,9 +237,6 @@ class Deliverer:
             return None, None, None, f"no response within {self.settings.webhook_timeout_s} s", \
                 "timeout"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, BlockedDestination):
-                return None, None, None, str(cause), "blocked_destination"
             return None, None, None, f"{type(exc).__name__}: {exc}"[:500], "connection_error"
 
     # -- recorder ----------

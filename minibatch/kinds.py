@@ -13,7 +13,13 @@ import aiohttp
 import anyio
 import msgspec
 
-from .delivery import GuardedResolver, literal_blocked, read_capped, retry_after_s
+from .delivery import (
+    BlockedDestination,
+    GuardedResolver,
+    literal_blocked,
+    read_capped,
+    retry_after_s,
+)
 from .errors import Fail, Retry
 from .models import Item
 
@@ -73,10 +79,9 @@ class HttpKind:
                 if resp.status >= 400:
                     raise Fail(f"HTTP {resp.status}: {raw[:500].decode('utf-8', 'replace')}",
                                code="http_status")
+        except BlockedDestination as exc:
+            raise Fail(str(exc), code="blocked_destination") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            cause = exc.__cause__ or exc
-            if "refused addresses" in str(cause):
-                raise Fail(str(cause), code="blocked_destination") from None
             raise Retry(message=f"{type(exc).__name__}: {exc}") from None
         try:
             body = msgspec.json.decode(raw)

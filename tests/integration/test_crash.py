@@ -92,3 +92,49 @@ def test_restart_after_kill_resumes_without_waiting_for_the_lease(db_path, tmp_p
     reader.close()
     assert done.status == "completed" and done.metrics.succeeded == 200
     assert elapsed < 5  # the lease is 5 s: it did not wait for it to lapse
+
+
+def test_sigkill_between_batch_completion_and_delivery_delivers_after_restart(db_path):
+    from standardwebhooks.webhooks import Webhook
+
+    from tests.receiver import Receiver
+
+    options = "webhook_retry_schedule='2,0.1', allow_private_webhooks=True"
+    script = (
+        "import sys, anyio, minibatch\n"
+        f"mb = minibatch.Minibatch({db_path!r}, {options}, poll_interval_s=0.02)\n"
+        "mb.handler('echo')(lambda item: item.input)\n"
+        "async def main():\n"
+        "    async with mb:\n"
+        "        await anyio.sleep(3600)\n"
+        "anyio.run(main)\n")
+    with Receiver() as rx:
+        setup = minibatch.Minibatch(db_path, allow_private_webhooks=True)
+        setup.handler("echo")(lambda item: item.input)
+        secret = setup.webhook_secret()
+        batch = anyio.run(lambda: setup.submit("echo", [{"input": 1}],
+                                               webhook={"url": rx.url}))
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        deadline = time.monotonic() + 20
+        while anyio.run(setup.get, batch.id).status != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # the delivery row exists; its attempt is 2 s away
+        proc.wait()
+        [pending] = anyio.run(setup.deliveries, batch.id)
+        assert pending.status == "pending" and rx.requests == []
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        try:
+            deadline = time.monotonic() + 20
+            while not rx.requests:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            proc.kill()
+            proc.wait()
+        [delivered] = anyio.run(setup.deliveries, batch.id)
+        setup.close()
+    event = Webhook(secret).verify(rx.requests[0]["body"], rx.requests[0]["headers"])
+    assert event["type"] == "batch.completed" and event["data"]["id"] == batch.id
+    assert rx.requests[0]["headers"]["webhook-id"] == pending.id
+    assert delivered.status == "succeeded"

@@ -1,0 +1,43 @@
+"""API keys and idempotency keys on a real store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from minibatch.auth import Idempotency, create_tenant_key, hash_key
+from minibatch.errors import Conflict, InvalidInput
+from minibatch.store import Store
+
+
+def test_keys_are_stored_only_as_a_hash(db_path):
+    store = Store(db_path)
+    out = create_tenant_key(store, "acme")
+    rows = store.conn.execute("SELECT key_hash, tenant FROM api_keys").fetchall()
+    assert rows == [(hash_key(out["api_key"]), "acme")]
+    for path in (Path(db_path), Path(db_path + "-wal")):
+        assert out["api_key"].encode() not in path.read_bytes()
+    again = create_tenant_key(store, "acme")
+    assert again["api_key"] != out["api_key"]
+    assert again["webhook_secret"] == out["webhook_secret"]  # one secret per tenant
+
+
+def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
+    store = Store(db_path)
+    idem = Idempotency(store)
+    stored, body_hash = idem.check("t", "k", b"body")
+    assert stored is None
+    with store._tx() as cur:
+        store._idempotency_put(cur, "t", ("k", body_hash, 201, lambda _: b"first"), None, 1e12)
+    store.close()
+
+    reopened = Idempotency(Store(db_path))
+    replay, _ = reopened.check("t", "k", b"body")
+    assert replay[1:] == (201, b"first")
+    with pytest.raises(InvalidInput):
+        reopened.check("t", "k", b"other body")
+    assert reopened.check("other-tenant", "k", b"body")[0] is None
+    reopened.in_flight.add(("t", "k2"))
+    with pytest.raises(Conflict):
+        reopened.check("t", "k2", b"body")
