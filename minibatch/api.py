@@ -182,9 +182,7 @@ class Api:
 
     async def read_body(self, request: Request, limit: int) -> bytes:
         """The body, refused with 413 as soon as it passes `limit` (never read whole)."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+        _refuse_declared_over(request, limit)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -223,11 +221,11 @@ class Api:
         if status is not None and status not in statuses:
             raise InvalidInput(f"unknown status {status!r}",
                                [{"field": "status", "message": f"one of {', '.join(statuses)}"}])
-        raw_limit = q.get("limit", "100")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        limit = _decimal(q.get("limit", "100"))
+        if limit is None or not 1 <= limit <= 1000:
             raise InvalidInput("limit must be an integer from 1 to 1000",
                                [{"field": "limit", "message": "1-1000"}])
-        return status, int(raw_limit), q.get("after")
+        return status, limit, q.get("after")
 
     # -- routes ----------
 
@@ -248,9 +246,7 @@ class Api:
         return await self.idempotent(request, tenant, data, create)
 
     async def _multipart_file(self, request: Request, limit: int) -> tuple[bytes, str | None]:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+        _refuse_declared_over(request, limit)
         limited = Request(request.scope, _limited_receive(request.receive, limit))
         try:
             form = await limited.form(max_files=1, max_fields=10, max_part_size=1024 * 1024)
@@ -317,12 +313,12 @@ class Api:
     async def list_items(self, request: Request) -> Response:
         tenant = self.auth.tenant(request)
         status, limit, after = self.page_args(request, _ITEM_STATUSES)
-        if after is not None and not (after.isdigit() and len(after) < 19):
+        index = -1 if after is None else _decimal(after)
+        if index is None or index >= 2**62:
             raise InvalidInput(f"unknown cursor {after!r}",
                                [{"field": "after", "message": "unknown cursor"}])
         items, more = self.mb.store.items_page(
-            request.path_params["batch_id"], tenant, status=status, limit=limit,
-            after=-1 if after is None else int(after))
+            request.path_params["batch_id"], tenant, status=status, limit=limit, after=index)
         cursor = str(items[-1].index) if more else None
         return json_response(ItemPage(items, more, cursor))
 
@@ -396,6 +392,17 @@ async def _result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tupl
                            attempts=attempts)) + b"\n"
             for _, seq, entry_id, status, out, err, attempts in page)
         page = await anext(rest, None)
+
+
+def _decimal(text: str) -> int | None:
+    """An int from ASCII digits only (str.isdigit also accepts '³' and friends)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _refuse_declared_over(request: Request, limit: int) -> None:
+    declared = _decimal(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
 
 
 def _limited_receive(receive: Callable, limit: int) -> Callable:

@@ -276,3 +276,13 @@ def test_literal_private_webhook_url_is_refused_when_private_is_not_allowed(db_p
                     422, "webhook.url")
     finally:
         srv.stop()
+
+
+def test_non_ascii_digits_in_limit_and_cursor_are_422_not_500(client):
+    """Found by schemathesis: '³'.isdigit() is True, and int('³') raised."""
+    batch = client.post("/v1/batches", json={"kind": "echo", "items": [{"input": 1}]}).json()
+    assert_problem(client.get(f"/v1/batches/{batch['id']}/items", params={"after": "³"}),
+                   422, "after")
+    assert_problem(client.get("/v1/batches", params={"limit": "²"}), 422, "limit")
+    assert_problem(client.get(f"/v1/batches/{batch['id']}/items",
+                              params={"after": "9" * 30}), 422, "after")
