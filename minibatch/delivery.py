@@ -175,18 +175,21 @@ class Deliverer:
             return 0
         lease = self.settings.webhook_timeout_s + LEASE_MARGIN_S
         due = self.store.deliveries_claim(self.now(), room, lease)
-        secrets_by_tenant: dict[str, list[tuple[str, str]]] = {}
+        keys_by_tenant: dict[str, tuple[str | None, list[bytes]]] = {}
         for row in due:
             tenant = row[2]
-            if tenant not in secrets_by_tenant:
-                secrets_by_tenant[tenant] = self.store.secrets_active(tenant, self.now())
+            if tenant not in keys_by_tenant:
+                active = self.store.secrets_active(tenant, self.now())
+                keys_by_tenant[tenant] = (active[0][0] if active else None,
+                                          [signing.secret_key(s) for _, s in active])
             self.in_flight += 1
-            self._sends.start_soon(self._send, row, secrets_by_tenant[tenant])
+            self._sends.start_soon(self._send, row, *keys_by_tenant[tenant])
         return len(due)
 
     # -- one attempt ----------
 
-    async def _send(self, row: tuple, secrets: list[tuple[str, str]]) -> None:
+    async def _send(self, row: tuple, secret_id: str | None, keys: list[bytes]) -> None:
+        """One attempt; `keys` are the tenant's active signing keys, primary first."""
         seq, msg_id, _tenant, url, payload, attempt_count, max_attempts, _batch, automatic = row
         attempt = attempt_count + 1
         started = time.perf_counter()
@@ -194,7 +197,7 @@ class Deliverer:
         failure = None
         try:
             status, body, retry_after, error, failure = await self._post(
-                url, msg_id, payload, [signing.secret_key(s) for _, s in secrets])
+                url, msg_id, payload, keys)
         finally:
             self.in_flight -= 1
             self.slot_free.set()
@@ -210,7 +213,7 @@ class Deliverer:
                                        retry_after_s(retry_after, now))
         self.records.append(AttemptRecord(
             seq, attempt, bool(automatic), status, body, elapsed, error,
-            secrets[0][0] if secrets else None, now, next_at, failure, gone))
+            secret_id, now, next_at, failure, gone))
         self.record_ready.set()
 
     async def _post(self, url: str, msg_id: str, payload: bytes, keys: list[bytes]

@@ -699,26 +699,30 @@ class Store:
     def deliveries_record(self, records: list) -> None:
         """Record attempts (delivery.AttemptRecord) and what follows each: done, failed,
         or the time of the next attempt. One transaction for the group."""
+        updates = []
+        for r in records:
+            if r.failure is None:
+                status = "succeeded"
+            elif r.next_attempt_at is None:
+                status = "failed"
+            else:
+                status = "pending"
+            final_failure = status == "failed"
+            updates.append((status, r.attempt_number, r.secret_id, r.next_attempt_at,
+                            r.failure if final_failure else None,
+                            r.error if final_failure else None, r.status_code, r.error, r.now,
+                            None if status == "pending" else r.now, r.seq))
         with self._tx() as cur:
+            cur.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?)",
+                            [(r.seq, r.attempt_number, r.status_code, r.response_body,
+                              r.response_time_ms, r.error, r.is_automatic, r.now)
+                             for r in records])
+            cur.executemany(
+                "UPDATE deliveries SET status=?, attempt_count=?, signing_secret_id=?,"
+                " next_attempt_at=?, failure_reason_code=?, failure_detail=?,"
+                " last_status_code=?, last_error=?, last_attempt_at=?, completed_at=?"
+                " WHERE seq=?", updates)
             for r in records:
-                if r.failure is None:
-                    status = "succeeded"
-                elif r.next_attempt_at is None:
-                    status = "failed"
-                else:
-                    status = "pending"
-                cur.execute("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?)",
-                            (r.seq, r.attempt_number, r.status_code, r.response_body,
-                             r.response_time_ms, r.error, r.is_automatic, r.now))
-                cur.execute(
-                    "UPDATE deliveries SET status=?, attempt_count=?, signing_secret_id=?,"
-                    " next_attempt_at=?, failure_reason_code=?, failure_detail=?,"
-                    " last_status_code=?, last_error=?, last_attempt_at=?, completed_at=?"
-                    " WHERE seq=?",
-                    (status, r.attempt_number, r.secret_id, r.next_attempt_at,
-                     r.failure if status == "failed" else None,
-                     r.error if status == "failed" else None, r.status_code, r.error, r.now,
-                     None if status == "pending" else r.now, r.seq))
                 if r.gone:
                     self._deliveries_end_gone(cur, r.seq, r.now)
 
