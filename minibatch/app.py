@@ -15,6 +15,7 @@ import anyio
 import msgspec
 
 from . import models, signing
+from .auth import IDEMPOTENCY_WINDOW_S
 from .config import make_settings
 from .delivery import Deliverer
 from .errors import InvalidInput
@@ -60,6 +61,7 @@ class Minibatch:
         return register
 
     async def __aenter__(self) -> Minibatch:
+        self.store.idempotency_prune(self.now() - IDEMPOTENCY_WINDOW_S)
         self._task_group = await anyio.create_task_group().__aenter__()
         self.runner = Runner(self.store, self.registry, self.settings, self.now, self.latency)
         self.deliverer = Deliverer(self.store, self.settings, self.now)

@@ -1,0 +1,44 @@
+"""All SQL: the schema and its migrations, one method per query, rows -> Structs.
+
+Plain synchronous code on one apsw connection; the async side decides when a call is
+long enough to go to a thread. Every state change is one `BEGIN IMMEDIATE` transaction
+(`_tx`), and whatever it causes - batch counters, the terminal transition, the webhook
+delivery rows - is written inside that same transaction.
+
+`Store` is the one boundary the runner, the deliverer and the API talk to; a file per
+noun holds its queries. Method names read noun first: `batch_insert`, `items_claim`,
+`items_finish`, `deliveries_claim`, ...
+"""
+
+from __future__ import annotations
+
+from .accounts import AccountQueries
+from .batches import BatchQueries
+from .deliveries import DeliveryQueries
+from .items import ItemQueries
+from .rows import (
+    BatchRow,
+    Claimed,
+    Outcome,
+    batch_struct,
+    error_bytes,
+    item_id,
+    new_id,
+    sanitize_url,
+)
+from .schema import MIGRATIONS
+
+
+class Store(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries):
+    """One SQLite database file (WAL) holding every batch, item, delivery and key."""
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Totals for /metrics: items by status, deliveries by status (all tenants)."""
+        items = dict(self.conn.execute("SELECT status, count(*) FROM items GROUP BY status"))
+        deliveries = dict(self.conn.execute(
+            "SELECT status, count(*) FROM deliveries GROUP BY status"))
+        return {"items": items, "deliveries": deliveries}
+
+
+__all__ = ["MIGRATIONS", "BatchRow", "Claimed", "Outcome", "Store", "batch_struct",
+           "error_bytes", "item_id", "new_id", "sanitize_url"]

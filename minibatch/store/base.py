@@ -1,0 +1,77 @@
+"""The connection under every query: pragmas, transactions, migrations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import apsw
+
+from ..errors import StorageUnavailable
+from .schema import MIGRATIONS
+
+_STORAGE_FAULTS = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError,
+                   apsw.BusyError)
+
+
+class StoreBase:
+    """The connection: pragmas, migrations, and the one way to write (`_tx`)."""
+
+    def __init__(self, path: str, *, synchronous: str = "normal",
+                 webhook_schedule: tuple[float, ...] = (0.0,)) -> None:
+        self.path = path
+        # A new delivery is due after the schedule's first delay, for len(schedule) attempts.
+        self.webhook_attempts = len(webhook_schedule)
+        self.webhook_first_delay = webhook_schedule[0]
+        try:
+            self.conn = apsw.Connection(path)
+        except apsw.CantOpenError as exc:
+            raise StorageUnavailable(f"cannot open database {path!r}: {exc}") from None
+        self.conn.set_busy_timeout(10_000)
+        if path != ":memory:":
+            self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        self.conn.execute("PRAGMA temp_store=MEMORY")
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[apsw.Cursor]:
+        """One write transaction; storage faults become StorageUnavailable (503)."""
+        cur = self.conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+        except _STORAGE_FAULTS as exc:
+            raise StorageUnavailable(f"database cannot be written: {exc}") from None
+        try:
+            yield cur
+            cur.execute("COMMIT")
+        except BaseException as exc:
+            if self.conn.in_transaction:  # COMMIT may itself have failed
+                self.conn.execute("ROLLBACK")
+            if isinstance(exc, _STORAGE_FAULTS):
+                raise StorageUnavailable(f"database cannot be written: {exc}") from None
+            raise
+
+    def _one(self, sql: str, args: tuple = ()) -> Any:
+        for row in self.conn.execute(sql, args):
+            return row
+        return None
+
+    def schema_version(self) -> int:
+        return self._one("PRAGMA user_version")[0]
+
+    def migrate(self) -> None:
+        """Apply each numbered migration not yet recorded in `user_version`."""
+        with self._tx() as cur:
+            version = self.schema_version()
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                cur.execute(script)
+                cur.execute(f"PRAGMA user_version={number}")
+
+    def schema_sql(self) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")]

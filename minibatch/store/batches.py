@@ -1,0 +1,230 @@
+"""Batches: insert (with their items), read, list, cancel, and the terminal transition."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import apsw
+import msgspec
+
+from .. import models
+from ..errors import Conflict, InvalidInput, NotFound
+from ..models import Batch, Event, to_datetime
+from .base import StoreBase
+from .rows import (
+    BATCH_COLS,
+    BatchRow,
+    as_item_in,
+    batch_struct,
+    encode,
+    error_bytes,
+    new_id,
+)
+
+CHUNK = 5000  # items encoded and inserted per executemany while submitting
+
+
+class BatchQueries(StoreBase):
+    def batch_insert(
+        self,
+        *,
+        tenant: str,
+        kind: str,
+        items: Iterable[Any],
+        now: float,
+        metadata: dict | None = None,
+        webhook: models.WebhookIn | None = None,
+        max_attempts: int,
+        item_timeout_s: float | None = None,
+        concurrency: int | None = None,
+        input_file_id: str | None = None,
+        idempotency: tuple[str, bytes, int, Any] | None = None,
+    ) -> BatchRow:
+        """Insert a batch and its items in one transaction, reading `items` in chunks.
+
+        `items` holds item dicts or `ItemIn`s; anything invalid raises InvalidInput and
+        the transaction is rolled back, so nothing is written.
+        `idempotency` is (key, body_hash, status, response-builder): the key is stored in
+        the same transaction as the batch.
+        """
+        batch_id = new_id("batch")
+        events = None
+        if webhook is not None:
+            events = encode(webhook.events or list(models.BATCH_EVENTS)).decode()
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO batches (id, tenant, kind, status, total, queued, created_at,"
+                " metadata, max_attempts, item_timeout_s, concurrency, webhook_url,"
+                " webhook_events) VALUES (?,?,?, 'queued', 0, 0, ?,?,?,?,?,?,?)",
+                (batch_id, tenant, kind, now, encode(metadata or {}), max_attempts,
+                 item_timeout_s, concurrency, webhook.url if webhook else None, events),
+            )
+            seq = self.conn.last_insert_rowid()
+            if input_file_id is not None:
+                total = self._items_from_file(cur, seq, kind, tenant, input_file_id, now)
+            else:
+                total = self._items_from_iterable(cur, seq, kind, items, now)
+            if total == 0:
+                raise InvalidInput("a batch needs at least one item",
+                                   [{"field": "items", "message": "empty"}])
+            cur.execute("UPDATE batches SET total=?, queued=? WHERE seq=?", (total, total, seq))
+            row = self._batch_row(seq)
+            if idempotency is not None:
+                self._idempotency_put(cur, tenant, idempotency, row, now)
+        return row
+
+    def _items_from_iterable(self, cur: apsw.Cursor, seq: int, kind: str,
+                             items: Iterable[Any], now: float) -> int:
+        seen: set[str] = set()
+        index = 0
+        chunk: list[tuple] = []
+        for raw in items:
+            item = as_item_in(raw, index)
+            if item.entry_id is not None:
+                if item.entry_id in seen:
+                    raise InvalidInput(
+                        f"duplicate entry_id {item.entry_id!r} at item {index}",
+                        [{"field": f"items[{index}].entry_id", "message": "duplicate"}])
+                seen.add(item.entry_id)
+            try:
+                encoded = encode(item.input)
+                meta = None if item.metadata is None else encode(item.metadata)
+            except (TypeError, msgspec.EncodeError, RecursionError) as exc:
+                raise InvalidInput(
+                    f"item {index} is not JSON-encodable: {exc}",
+                    [{"field": f"items[{index}].input", "message": str(exc)}]) from None
+            chunk.append((seq, index, kind, item.entry_id, encoded, meta, now))
+            index += 1
+            if len(chunk) >= CHUNK:
+                self._items_write(cur, chunk)
+                chunk = []
+        if chunk:
+            self._items_write(cur, chunk)
+        return index
+
+    @staticmethod
+    def _items_write(cur: apsw.Cursor, rows: list[tuple]) -> None:
+        cur.executemany(
+            "INSERT INTO items (batch, idx, kind, entry_id, status, input, metadata, run_at)"
+            " VALUES (?,?,?,?, 'queued', ?,?,?)", rows)
+
+    def _items_from_file(self, cur: apsw.Cursor, seq: int, kind: str, tenant: str,
+                         file_id: str, now: float) -> int:
+        if self._one("SELECT 1 FROM files WHERE id=? AND tenant=?", (file_id, tenant)) is None:
+            raise InvalidInput(f"no file {file_id!r}",
+                               [{"field": "input_file_id", "message": "unknown file"}])
+        cur.execute(
+            "INSERT INTO items (batch, idx, kind, entry_id, status, input, metadata, run_at)"
+            " SELECT ?, line - 1, ?, entry_id, 'queued', input, metadata, ?"
+            " FROM file_lines WHERE file=? ORDER BY line", (seq, kind, now, file_id))
+        return self.conn.changes()
+
+    def _batch_row(self, seq: int) -> BatchRow:
+        return BatchRow(*self._one(f"SELECT {BATCH_COLS} FROM batches WHERE seq=?", (seq,)))
+
+    def _batch_row_by_id(self, batch_id: str, tenant: str | None) -> BatchRow:
+        row = self._one(f"SELECT {BATCH_COLS} FROM batches WHERE id=?", (batch_id,))
+        if row is None or (tenant is not None and row[2] != tenant):
+            raise NotFound(f"no batch {batch_id!r}")
+        return BatchRow(*row)
+
+    def batch_get(self, batch_id: str, tenant: str | None = None, *,
+                  with_deliveries: bool = True) -> Batch:
+        row = self._batch_row_by_id(batch_id, tenant)
+        batch = batch_struct(row)
+        if with_deliveries:
+            batch.deliveries, batch.failed_webhooks = self._delivery_summary(row.seq)
+        return batch
+
+    def batch_status(self, batch_id: str) -> str:
+        return self._batch_row_by_id(batch_id, None).status
+
+    def batches_list(self, tenant: str | None, *, status: str | None, limit: int,
+                     after: str | None) -> tuple[list[Batch], bool]:
+        """Newest first; `after` is the id of the last batch of the previous page."""
+        where, args = ["1=1"], []
+        if tenant is not None:
+            where.append("tenant=?")
+            args.append(tenant)
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        if after is not None:
+            row = self._one("SELECT seq, tenant FROM batches WHERE id=?", (after,))
+            if row is None or (tenant is not None and row[1] != tenant):
+                raise InvalidInput(f"unknown cursor {after!r}",
+                                   [{"field": "after", "message": "unknown cursor"}])
+            where.append("seq<?")
+            args.append(row[0])
+        rows = self.conn.execute(
+            f"SELECT {BATCH_COLS} FROM batches WHERE {' AND '.join(where)}"
+            " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        batches = [batch_struct(BatchRow(*r)) for r in rows[:limit]]
+        return batches, len(rows) > limit
+
+    def batch_cancel(self, batch_id: str, tenant: str | None, now: float) -> tuple[Batch, int]:
+        """Cancel queued items now; running ones end as their workers stop.
+
+        Returns the batch and its seq (the runner interrupts that batch's running items).
+        """
+        with self._tx() as cur:
+            row = self._batch_row_by_id(batch_id, tenant)
+            if row.status in models.BATCH_TERMINAL:
+                raise Conflict(f"batch {batch_id} is already {row.status}")
+            if row.status != "cancelling":
+                cur.execute("UPDATE batches SET status='cancelling' WHERE seq=?", (row.seq,))
+                self._cancel_queued(cur, row.seq, now)
+        return self.batch_get(batch_id, tenant), row.seq
+
+    def _cancel_queued(self, cur: apsw.Cursor, batch_seq: int, now: float) -> None:
+        cur.execute("UPDATE items SET status='cancelled' WHERE batch=? AND status='queued'",
+                    (batch_seq,))
+        n = self.conn.changes()
+        cur.execute("UPDATE batches SET queued=queued-?, cancelled=cancelled+? WHERE seq=?",
+                    (n, n, batch_seq))
+        self._batch_finish_if_done(cur, batch_seq, now)
+
+    def batches_fail_unknown_kinds(self, kinds: Iterable[str], now: float) -> list[str]:
+        """Fail the queued items of open batches whose kind has no handler here."""
+        known = list(kinds)
+        with self._tx() as cur:
+            rows = cur.execute(
+                "SELECT seq, id, kind FROM batches WHERE completed_at IS NULL"
+                f" AND kind NOT IN ({','.join('?' * len(known))})", known).fetchall()
+            for seq, _, kind in rows:
+                err = error_bytes("unknown_kind", f"no handler for kind {kind!r} on this instance")
+                cur.execute("UPDATE items SET status='failed', error=? WHERE batch=?"
+                            " AND status='queued'", (err, seq))
+                n = self.conn.changes()
+                cur.execute("UPDATE batches SET queued=queued-?, failed=failed+? WHERE seq=?",
+                            (n, n, seq))
+                self._batch_finish_if_done(cur, seq, now)
+        return [r[1] for r in rows]
+
+    def _batch_finish_if_done(self, cur: apsw.Cursor, seq: int, now: float) -> None:
+        """The terminal transition, and its webhook delivery, in the caller's transaction."""
+        row = self._batch_row(seq)
+        if row.completed_at is not None or row.queued or row.running:
+            return
+        if row.status == "cancelling":
+            status = "cancelled"
+        else:
+            status = "completed" if row.succeeded else "failed"
+        cur.execute("UPDATE batches SET status=?, completed_at=? WHERE seq=?", (status, now, seq))
+        event = f"batch.{status}"
+        if row.webhook_url and not row.webhook_gone and event in row.events():
+            data = batch_struct(self._batch_row(seq))
+            self._delivery_insert(cur, row, event, encode(Event(event, to_datetime(now), data)),
+                                  now)
+
+    def batch_seq(self, batch_id: str, tenant: str | None) -> int:
+        return self._batch_row_by_id(batch_id, tenant).seq
+
+    def batches_cancelling(self, seqs: Iterable[int]) -> list[int]:
+        seqs = list(seqs)
+        if not seqs:
+            return []
+        return [r[0] for r in self.conn.execute(
+            f"SELECT seq FROM batches WHERE status IN ('cancelling','cancelled')"
+            f" AND seq IN ({','.join('?' * len(seqs))})", seqs)]

@@ -1,0 +1,147 @@
+"""Webhook deliveries: insert with the event, claim when due, record attempts, redeliver,
+and the summary a batch shows."""
+
+from __future__ import annotations
+
+import apsw
+
+from ..errors import NotFound
+from ..models import Attempt, Delivery, DeliverySummary, FailedWebhook, to_datetime
+from .base import StoreBase
+from .rows import (
+    BatchRow,
+    new_id,
+)
+
+
+class DeliveryQueries(StoreBase):
+    def _delivery_insert(self, cur: apsw.Cursor, row: BatchRow, event: str, payload: bytes,
+                         now: float) -> None:
+        cur.execute(
+            "INSERT INTO deliveries (id, batch, tenant, event, url, payload, status,"
+            " max_attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,?, 'pending', ?,?,?)",
+            (new_id("msg"), row.seq, row.tenant, event, row.webhook_url, payload,
+             self.webhook_attempts, now + self.webhook_first_delay, now))
+
+    def deliveries_claim(self, now: float, limit: int, lease_s: float) -> list[tuple]:
+        """Due deliveries, leased by pushing `next_attempt_at` past the attempt's timeout.
+
+        A process that dies mid-attempt leaves the delivery due again once that passes.
+        """
+        with self._tx() as cur:
+            return cur.execute(
+                "UPDATE deliveries SET next_attempt_at=? WHERE seq IN (SELECT seq FROM"
+                " deliveries WHERE status='pending' AND next_attempt_at<=?"
+                " ORDER BY next_attempt_at LIMIT ?)"
+                " RETURNING seq, id, tenant, url, payload, attempt_count, max_attempts, batch,"
+                " is_automatic", (now + lease_s, now, limit)).fetchall()
+
+    def deliveries_record(self, records: list) -> None:
+        """Record attempts (delivery.AttemptRecord) and what follows each: done, failed,
+        or the time of the next attempt. One transaction for the group."""
+        updates = []
+        for r in records:
+            if r.failure is None:
+                status = "succeeded"
+            elif r.next_attempt_at is None:
+                status = "failed"
+            else:
+                status = "pending"
+            final_failure = status == "failed"
+            updates.append((status, r.attempt_number, r.secret_id, r.next_attempt_at,
+                            r.failure if final_failure else None,
+                            r.error if final_failure else None, r.status_code, r.error, r.now,
+                            None if status == "pending" else r.now, r.seq))
+        with self._tx() as cur:
+            cur.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?)",
+                            [(r.seq, r.attempt_number, r.status_code, r.response_body,
+                              r.response_time_ms, r.error, r.is_automatic, r.now)
+                             for r in records])
+            cur.executemany(
+                "UPDATE deliveries SET status=?, attempt_count=?, signing_secret_id=?,"
+                " next_attempt_at=?, failure_reason_code=?, failure_detail=?,"
+                " last_status_code=?, last_error=?, last_attempt_at=?, completed_at=?"
+                " WHERE seq=?", updates)
+            for r in records:
+                if r.gone:
+                    self._deliveries_end_gone(cur, r.seq, r.now)
+
+    def _deliveries_end_gone(self, cur: apsw.Cursor, seq: int, now: float) -> None:
+        """410 Gone: other pending deliveries of the batch to that URL end, none follow."""
+        batch, url = self._one("SELECT batch, url FROM deliveries WHERE seq=?", (seq,))
+        cur.execute(
+            "UPDATE deliveries SET status='failed', failure_reason_code='endpoint_gone',"
+            " failure_detail='an earlier delivery to this URL was answered 410 Gone',"
+            " next_attempt_at=NULL, completed_at=? WHERE batch=? AND url=? AND status='pending'",
+            (now, batch, url))
+        cur.execute("UPDATE batches SET webhook_gone=1 WHERE seq=?", (batch,))
+
+    def delivery_redeliver(self, delivery_id: str, tenant: str | None, now: float) -> Delivery:
+        """Manual redelivery: the same frozen bytes and webhook-id, sent again now."""
+        with self._tx() as cur:
+            row = self._one("SELECT seq, tenant, max_attempts, attempt_count FROM deliveries"
+                            " WHERE id=?", (delivery_id,))
+            if row is None or (tenant is not None and row[1] != tenant):
+                raise NotFound(f"no delivery {delivery_id!r}")
+            cur.execute(
+                "UPDATE deliveries SET status='pending', is_automatic=0, next_attempt_at=?,"
+                " max_attempts=attempt_count+1, completed_at=NULL, failure_reason_code=NULL,"
+                " failure_detail=NULL WHERE seq=?", (now, row[0]))
+        return self.deliveries_of(seq=row[0])[0]
+
+    def deliveries_of(self, *, batch_seq: int | None = None, seq: int | None = None
+                      ) -> list[Delivery]:
+        """Deliveries of a batch (oldest first) or one delivery, each with its attempts."""
+        where, arg = ("batch=?", batch_seq) if seq is None else ("d.seq=?", seq)
+        rows = self.conn.execute(
+            "SELECT d.seq, d.id, b.id, event, url, payload, d.status, is_automatic,"
+            " signing_secret_id, attempt_count, d.max_attempts, next_attempt_at,"
+            " failure_reason_code, failure_detail, d.created_at, d.completed_at"
+            f" FROM deliveries d JOIN batches b ON b.seq=d.batch WHERE {where} ORDER BY d.seq",
+            (arg,)).fetchall()
+        out = []
+        for r in rows:
+            attempts = [
+                Attempt(attempt_number=a[0], status_code=a[1], response_body=a[2],
+                        response_time_ms=a[3], error_message=a[4], is_automatic=bool(a[5]),
+                        created_at=to_datetime(a[6]))
+                for a in self.conn.execute(
+                    "SELECT attempt_number, status_code, response_body, response_time_ms,"
+                    " error_message, is_automatic, created_at FROM attempts WHERE delivery=?"
+                    " ORDER BY rowid", (r[0],))]
+            out.append(Delivery(
+                id=r[1], batch_id=r[2], event=r[3], url=r[4], payload_bytes=r[5].decode(),
+                status=r[6], is_automatic=bool(r[7]), signing_secret_id=r[8],
+                attempt_count=r[9], max_attempts=r[10],
+                next_attempt_at=to_datetime(r[11]) if r[6] == "pending" else None,
+                failure_reason_code=r[12], failure_detail=r[13],
+                created_at=to_datetime(r[14]), completed_at=to_datetime(r[15]),
+                attempts=attempts))
+        return out
+
+    def deliveries_pending_count(self) -> int:
+        return self._one("SELECT count(*) FROM deliveries WHERE status='pending'")[0]
+
+    def _delivery_summary(self, batch_seq: int) -> tuple[DeliverySummary, list[FailedWebhook]]:
+        summary = DeliverySummary()
+        for status, n in self.conn.execute(
+                "SELECT status, count(*) FROM deliveries WHERE batch=? GROUP BY status",
+                (batch_seq,)):
+            setattr(summary, status, n)
+            summary.total += n
+        if not summary.total:
+            return summary, []
+        last = self._one("SELECT last_status_code, last_error, last_attempt_at FROM deliveries"
+                         " WHERE batch=? AND last_attempt_at IS NOT NULL"
+                         " ORDER BY last_attempt_at DESC LIMIT 1", (batch_seq,))
+        if last:
+            summary.last_status_code, summary.last_error = last[0], last[1]
+            summary.last_attempt_at = to_datetime(last[2])
+        failed = [FailedWebhook(delivery_id=r[0], event=r[1], attempt_count=r[2],
+                                http_status=r[3], error_message=r[4],
+                                created_at=to_datetime(r[5]))
+                  for r in self.conn.execute(
+                      "SELECT id, event, attempt_count, last_status_code,"
+                      " coalesce(failure_detail, last_error), created_at FROM deliveries"
+                      " WHERE batch=? AND status='failed' ORDER BY seq", (batch_seq,))]
+        return summary, failed

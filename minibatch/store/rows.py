@@ -1,0 +1,139 @@
+"""Rows as they leave and enter SQL: the tuples the runner passes around, id formats, and
+the conversions from rows to the public Structs."""
+
+from __future__ import annotations
+
+import secrets as pysecrets
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from .. import models
+from ..errors import InvalidInput
+from ..models import Batch, Item, ItemError, ItemRecord, Metrics, WebhookInfo, to_datetime
+
+ERROR_MESSAGE_CAP = 2000
+BATCH_COLS = (
+    "seq, id, tenant, kind, status, total, queued, running, succeeded, failed, cancelled, "
+    "created_at, started_at, completed_at, metadata, max_attempts, item_timeout_s, "
+    "concurrency, webhook_url, webhook_events, webhook_gone"
+)
+decode = msgspec.json.decode
+encode = models.encoder.encode
+
+
+class BatchRow(NamedTuple):
+    seq: int
+    id: str
+    tenant: str
+    kind: str
+    status: str
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    metadata: bytes | None
+    max_attempts: int
+    item_timeout_s: float | None
+    concurrency: int | None
+    webhook_url: str | None
+    webhook_events: str | None
+    webhook_gone: int
+
+    def events(self) -> list[str]:
+        return decode(self.webhook_events) if self.webhook_events else []
+
+
+class Claimed(NamedTuple):
+    """A claimed item and what the runner needs to run it."""
+
+    item: Item
+    seq: int
+    batch_seq: int
+    max_attempts: int
+    timeout_s: float | None
+    claimed_at: float
+
+
+class Outcome(NamedTuple):
+    """How one attempt ended, as the completer writes it."""
+
+    seq: int
+    batch_seq: int
+    attempt: int
+    status: str  # succeeded | failed | cancelled | queued (retry)
+    output: bytes | None
+    error: bytes | None
+    run_at: float  # for a retry
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{pysecrets.token_hex(12)}"
+
+
+def item_id(seq: int) -> str:
+    return f"item_{seq}"
+
+
+def error_bytes(code: str, message: str) -> bytes:
+    return encode(ItemError(code, message[:ERROR_MESSAGE_CAP]))
+
+
+def sanitize_url(url: str) -> str:
+    """Drop userinfo and query values: the URL as a batch object shows it."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    query = urlencode([(k, "") for k, _ in parse_qsl(parts.query, keep_blank_values=True)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def as_item_in(raw: Any, index: int) -> models.ItemIn:
+    if isinstance(raw, models.ItemIn):
+        return raw
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"item {index} must be a dict with an 'input' key",
+                           [{"field": f"items[{index}]", "message": "not an object"}])
+    try:
+        return msgspec.convert(raw, models.ItemIn)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"item {index}: {exc}",
+                           [{"field": f"items[{index}]", "message": str(exc)}]) from None
+
+
+def item_record_of(row: tuple, batch_id: str) -> ItemRecord:
+    seq, idx, entry_id, status, inp, out, err, attempts, meta = row
+    return ItemRecord(
+        id=item_id(seq), batch_id=batch_id, entry_id=entry_id, index=idx, status=status,
+        input=decode(inp), output=None if out is None else decode(out),
+        error=None if err is None else decode(err, type=ItemError), attempts=attempts,
+        metadata=None if meta is None else decode(meta))
+
+
+def batch_struct(row: BatchRow) -> Batch:
+    """A batch row as the public Batch object (without its delivery summary)."""
+    path = f"/v1/batches/{row.id}"
+    terminal = row.status in models.BATCH_TERMINAL
+    duration = None
+    if row.started_at is not None and row.completed_at is not None:
+        duration = int((row.completed_at - row.started_at) * 1000)
+    webhook = None
+    if row.webhook_url:
+        webhook = WebhookInfo(url=sanitize_url(row.webhook_url), events=row.events())
+    return Batch(
+        id=row.id, kind=row.kind, status=row.status,
+        metrics=Metrics(row.total, row.queued, row.running, row.succeeded, row.failed,
+                        row.cancelled),
+        created_at=to_datetime(row.created_at), started_at=to_datetime(row.started_at),
+        completed_at=to_datetime(row.completed_at), duration_ms=duration,
+        metadata=decode(row.metadata) if row.metadata else {},
+        polling_url=path, cancel_url=None if terminal else f"{path}/cancel",
+        results_url=f"{path}/results", webhook=webhook)
