@@ -21,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from . import metrics, models
+from . import metrics, models, openapi
 from .auth import Authenticator, Idempotency
+from .delivery import blocked_reason
 from .errors import (
     BadRequest,
     InvalidInput,
@@ -45,6 +46,7 @@ from .models import (
     RotateSecret,
     SecretRotated,
 )
+from .store import BatchRow, batch_struct, item_id
 
 if TYPE_CHECKING:
     from .app import Minibatch
@@ -282,8 +284,6 @@ class Api:
 
     def _check_webhook_url(self, url: str) -> None:
         """A literal private address is refused up front (names resolve at send time)."""
-        from .delivery import blocked_reason
-
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInput("webhook.url must be an http(s) URL with a host",
@@ -361,16 +361,12 @@ class Api:
 
     async def openapi(self, request: Request) -> Response:
         if self._openapi is None:
-            from .openapi import document
-
-            self._openapi = _encode(document(ENDPOINTS))
+            self._openapi = _encode(openapi.document(ENDPOINTS))
         return Response(self._openapi, media_type=JSON)
 
 
 def _encode_created(created: Any) -> bytes:
     """The 201 body an idempotent replay sends: the created batch or file."""
-    from .store import BatchRow, batch_struct
-
     if isinstance(created, BatchRow):
         batch = batch_struct(created)
         batch.deliveries, batch.failed_webhooks = models.DeliverySummary(), []
@@ -381,8 +377,6 @@ def _encode_created(created: Any) -> bytes:
 async def _result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tuple]]
                         ) -> AsyncIterator[bytes]:
     """JSONL lines; output and error are stored JSON and are passed through as Raw."""
-    from .store import item_id
-
     page = first
     while page:
         yield b"".join(
