@@ -86,3 +86,8 @@ def test_fresh_and_upgraded_databases_have_the_same_schema(tmp_path):
 def test_database_is_in_wal_mode(db_path):
     store = Store(db_path)
     assert store._one("PRAGMA journal_mode")[0] == "wal"
+
+
+def test_synchronous_setting_reaches_sqlite(tmp_path):
+    assert Store(str(tmp_path / "n.db"))._one("PRAGMA synchronous")[0] == 1  # NORMAL
+    assert Store(str(tmp_path / "f.db"), synchronous="full")._one("PRAGMA synchronous")[0] == 2
