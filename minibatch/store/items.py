@@ -111,11 +111,11 @@ class ItemQueries(StoreBase):
                 if b not in deltas:
                     deltas[b] = Counter()
                 deltas[b][status] += 1
-            self._apply_deltas(cur, deltas, now)
             finished = [(b, seq) for b, seq, status in written
                         if status in ("succeeded", "failed")]
-            if finished:
+            if finished:  # item events go before the batch's own terminal event
                 self._item_events(cur, finished, now)
+            self._apply_deltas(cur, deltas, now)
         return len(written)
 
     def _apply_deltas(self, cur: apsw.Cursor, deltas: dict[int, Counter], now: float) -> None:
@@ -153,12 +153,17 @@ class ItemQueries(StoreBase):
             deltas: dict[int, Counter] = {}
             lost = error_bytes("lease_expired", "the worker running this item stopped"
                                " (its lease expired)")
+            failed = []
             for seq, b, attempts, max_attempts in rows:
                 status = "failed" if attempts >= max_attempts else "queued"
                 cur.execute(
                     "UPDATE items SET status=?, error=?, run_at=?, lease_until=NULL WHERE seq=?",
                     (status, lost, now, seq))
                 deltas.setdefault(b, Counter())[status] += 1
+                if status == "failed":
+                    failed.append((b, seq))
+            if failed:  # item events go before the batch's own terminal event
+                self._item_events(cur, failed, now)
             self._apply_deltas(cur, deltas, now)
         return len(rows)
 

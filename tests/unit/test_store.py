@@ -91,3 +91,17 @@ def test_database_is_in_wal_mode(db_path):
 def test_synchronous_setting_reaches_sqlite(tmp_path):
     assert Store(str(tmp_path / "n.db"))._one("PRAGMA synchronous")[0] == 1  # NORMAL
     assert Store(str(tmp_path / "f.db"), synchronous="full")._one("PRAGMA synchronous")[0] == 2
+
+
+def test_an_item_failed_by_lease_expiry_sends_its_item_failed_event(db_path):
+    """Found by bench/chaos.py: only items_finish emitted item events, not the rescuer."""
+    from minibatch.models import WebhookIn
+
+    store = Store(db_path)
+    batch_id = make_batch(store, n=1, max_attempts=1, webhook=WebhookIn(
+        url="https://hooks.example/x", events=["item.failed", "batch.failed"]))
+    store.items_claim("k", 10, "o", T0, lease_s=30)
+    store.items_rescue(T0 + 31)
+    deliveries = store.deliveries_of(batch_seq=store.batch_seq(batch_id, None))
+    assert [d.event for d in deliveries] == ["item.failed", "batch.failed"]
+    assert '"lease_expired"' in deliveries[0].payload_bytes
