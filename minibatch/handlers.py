@@ -132,7 +132,7 @@ def cancelled_outcome(claimed: Claimed) -> Outcome:
 
 
 def _end(c: Claimed, status: str, output: bytes | None, error: bytes | None) -> Outcome:
-    return Outcome(c.seq, c.batch_seq, c.item.attempt, status, output, error, 0.0)
+    return Outcome(c.seq, c.batch_seq, c.token, status, output, error, 0.0)
 
 
 def _failed(c: Claimed, code: str, message: str, delay: float,
@@ -141,4 +141,4 @@ def _failed(c: Claimed, code: str, message: str, delay: float,
     error = error_bytes(code, message)
     if c.item.attempt >= c.max_attempts:
         return _end(c, "failed", None, error)
-    return Outcome(c.seq, c.batch_seq, c.item.attempt, "queued", None, error, now() + delay)
+    return Outcome(c.seq, c.batch_seq, c.token, "queued", None, error, now() + delay)

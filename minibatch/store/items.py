@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets as pysecrets
 from collections import Counter
 from typing import Any
 
@@ -45,11 +46,14 @@ class ItemQueries(StoreBase):
                 if room[b] > 0:
                     room[b] -= 1
                     chosen.append(seq)
+            # Owner and attempt number alone do not name a claim: a handed-back item is
+            # claimed again with the same attempt number, maybe by the same owner.
+            token = pysecrets.randbits(62)
             rows = cur.execute(
                 "UPDATE items SET status='running', attempts=attempts+1, lease_until=?,"
-                f" lease_owner=? WHERE seq IN ({','.join('?' * len(chosen))})"
+                f" lease_owner=?, lease_token=? WHERE seq IN ({','.join('?' * len(chosen))})"
                 " RETURNING seq, batch, idx, entry_id, input, metadata, attempts",
-                (now + lease_s, owner, *chosen)).fetchall()
+                (now + lease_s, owner, token, *chosen)).fetchall()
             per_batch = Counter(r[1] for r in rows)
             for b, n in per_batch.items():
                 cur.execute(
@@ -62,7 +66,8 @@ class ItemQueries(StoreBase):
             item = Item(id=item_id(seq), batch_id=batch.id, entry_id=entry_id, index=idx,
                         input=decode(inp), metadata=None if meta is None else decode(meta),
                         attempt=attempts)
-            claimed.append(Claimed(item, seq, b, batch.max_attempts, batch.item_timeout_s, now))
+            claimed.append(Claimed(item, seq, b, batch.max_attempts, batch.item_timeout_s, now,
+                                   token))
         return claimed
 
     def leases_extend(self, owner: str, until: float) -> int:
@@ -96,15 +101,15 @@ class ItemQueries(StoreBase):
     def items_finish(self, outcomes: list[Outcome], owner: str, now: float) -> int:
         """Write attempt outcomes in one transaction; returns how many were applied.
 
-        Each write is guarded by the lease (`lease_owner` and `attempts` as claimed): an
+        Each write is guarded by the lease (`lease_owner` and the claim's token): an
         outcome whose lease was lost is discarded, so an item has exactly one outcome.
         """
         with self._tx() as cur:
             written = cur.executemany(
                 "UPDATE items SET status=?, output=?, error=?, run_at=?, lease_until=NULL"
-                " WHERE seq=? AND status='running' AND lease_owner=? AND attempts=?"
+                " WHERE seq=? AND status='running' AND lease_owner=? AND lease_token=?"
                 " RETURNING batch, seq, status",
-                [(o.status, o.output, o.error, o.run_at, o.seq, owner, o.attempt)
+                [(o.status, o.output, o.error, o.run_at, o.seq, owner, o.token)
                  for o in outcomes]).fetchall()
             deltas: dict[int, Counter] = {}
             for b, _, status in written:

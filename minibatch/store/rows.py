@@ -59,6 +59,7 @@ class Claimed(NamedTuple):
     max_attempts: int
     timeout_s: float | None
     claimed_at: float
+    token: int  # this claim's lease token; its outcome must carry it
 
 
 class Outcome(NamedTuple):
@@ -66,7 +67,7 @@ class Outcome(NamedTuple):
 
     seq: int
     batch_seq: int
-    attempt: int
+    token: int  # the claim's lease token
     status: str  # succeeded | failed | cancelled | queued (retry)
     output: bytes | None
     error: bytes | None

@@ -111,4 +111,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant, key)
     );
     """,
+    # 3: a token per claim, so an outcome can only land on the claim that ran it
+    """
+    ALTER TABLE items ADD COLUMN lease_token INTEGER;
+    """,
 ]

@@ -22,9 +22,10 @@ def test_completion_from_a_lost_lease_is_discarded(db_path):
     assert store.items_rescue(T0 + 31) == 1  # lease lapsed: back to the queue
     [second] = store.items_claim("k", 10, "owner-b", T0 + 32, lease_s=30)
     assert second.item.attempt == 2
-    late = Outcome(first.seq, first.batch_seq, 1, "succeeded", b'"late"', None, 0.0)
+    late = Outcome(first.seq, first.batch_seq, first.token, "succeeded", b'"late"', None, 0.0)
     assert store.items_finish([late], "owner-a", T0 + 33) == 0
-    on_time = Outcome(second.seq, second.batch_seq, 2, "succeeded", b'"ok"', None, 0.0)
+    on_time = Outcome(second.seq, second.batch_seq, second.token, "succeeded", b'"ok"', None,
+                      0.0)
     assert store.items_finish([on_time], "owner-b", T0 + 34) == 1
     batch = store.batch_get(batch_id)
     assert batch.status == "completed" and batch.metrics.succeeded == 1
@@ -105,3 +106,21 @@ def test_an_item_failed_by_lease_expiry_sends_its_item_failed_event(db_path):
     deliveries = store.deliveries_of(batch_seq=store.batch_seq(batch_id, None))
     assert [d.event for d in deliveries] == ["item.failed", "batch.failed"]
     assert '"lease_expired"' in deliveries[0].payload_bytes
+
+
+def test_a_handed_back_attempt_cannot_complete_the_next_claim_of_the_same_owner(db_path):
+    """Found by the property test: after items_release the item is claimed again with the
+    same attempt number (and here the same owner), so only a per-claim token tells the
+    two claims apart."""
+    store = Store(db_path)
+    batch_id = make_batch(store, n=1, max_attempts=1)
+    [first] = store.items_claim("k", 1, "w1", T0, lease_s=10)
+    store.items_release("w1", T0 + 1)
+    [second] = store.items_claim("k", 1, "w1", T0 + 2, lease_s=10)
+    assert first.item.attempt == second.item.attempt == 1
+    stale = Outcome(first.seq, first.batch_seq, first.token, "failed", None,
+                    b'{"code":"x","message":"stale"}', 0.0)
+    assert store.items_finish([stale], "w1", T0 + 3) == 0
+    fresh = Outcome(second.seq, second.batch_seq, second.token, "succeeded", b"1", None, 0.0)
+    assert store.items_finish([fresh], "w1", T0 + 4) == 1
+    assert store.batch_get(batch_id).status == "completed"
