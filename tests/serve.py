@@ -51,6 +51,9 @@ class Served:
         self.client_env = {"MINIBATCH_URL": self.url,
                            "MINIBATCH_API_KEY": self.key["api_key"]}
 
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-lines:])
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)
