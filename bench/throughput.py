@@ -14,11 +14,14 @@ and the runs do not disturb each other):
   ids of queued rows (a partial index on `status='queued'`) and UPDATEs them to running,
   and a second transaction marks them done with a small result blob. Reported: claim +
   complete items/s (the insert is timed separately) and the ratio minibatch / ceiling.
+  `ceiling-1st` is the same with the claim as one `UPDATE … IN (SELECT … LIMIT) RETURNING`,
+  the statement behind the ~165k figure in MEASURED.md.
 * `--peer huey`: the same no-op workload through huey's SqliteHuey with
   `synchronous=NORMAL` (equal durability to minibatch; huey defaults to FULL), a task
   returning 1 so that a result is stored, and a consumer with 4 worker threads.
-  `--huey-items` tasks are enqueued first; the clock runs from the consumer's start until
-  every result is stored. Reported: tasks/s and the ratio minibatch / huey.
+  `--huey-items` tasks are enqueued first, then the consumer starts; the clock runs from
+  the first enqueue until every result is stored, as minibatch's runs from the submit.
+  Reported: tasks/s and the ratio minibatch / huey.
 
 Reference figures and goals: /work/shared/MEASURED.md (minibatch should reach at least half
 the ceiling and 10x huey measured in the same run).
@@ -42,7 +45,10 @@ from typing import Any
 GROUP = 100  # rows claimed and completed per transaction in the ceiling
 RESULT_BLOB = b'{"ok":true}'
 HUEY_WORKERS = 4
-GOALS = {"ceiling": 0.5, "huey": 10.0}  # minibatch / system, from shared/MEASURED.md
+# minibatch / system, from shared/MEASURED.md. "ceiling" claims with a SELECT then an
+# UPDATE (the faster way); "ceiling-1st" with the single statement MEASURED.md's ~165k
+# figure used. Both are printed so the goal can be read against either definition.
+GOALS = {"ceiling": 0.5, "ceiling-1st": 0.5, "huey": 10.0}
 
 
 # -- helpers ----------
@@ -135,6 +141,17 @@ def ceiling_claim(cur: Any) -> list[int]:
     return ids
 
 
+def ceiling_claim_one_statement(cur: Any) -> list[int]:
+    """The claim as shared/MEASURED.md's first row defines its ~165k/s ceiling: one
+    `UPDATE … WHERE id IN (SELECT … LIMIT) RETURNING id`."""
+    cur.execute("BEGIN IMMEDIATE")
+    ids = [row[0] for row in cur.execute(
+        "UPDATE jobs SET status='running' WHERE id IN (SELECT id FROM jobs"
+        " WHERE status='queued' ORDER BY id LIMIT ?) RETURNING id", (GROUP,))]
+    cur.execute("COMMIT")
+    return ids
+
+
 def ceiling_complete(cur: Any, ids: list[int]) -> None:
     """One transaction: each claimed row done, with its own small result blob."""
     cur.execute("BEGIN IMMEDIATE")
@@ -143,14 +160,15 @@ def ceiling_complete(cur: Any, ids: list[int]) -> None:
     cur.execute("COMMIT")
 
 
-def child_ceiling(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
+def child_ceiling(n: int, timeout: float, workdir: str | None,
+                  claim: Any = ceiling_claim) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         conn = ceiling_open(os.path.join(tmp, "ceiling.db"))
         start = time.perf_counter()
         ceiling_insert(conn, n)
         inserted = time.perf_counter()
         cur = conn.cursor()
-        while ids := ceiling_claim(cur):
+        while ids := claim(cur):
             ceiling_complete(cur, ids)
             if time.perf_counter() - inserted > timeout:
                 raise SystemExit(f"ceiling: not done after {timeout} s")
@@ -206,11 +224,18 @@ def child_huey(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
         finally:
             consumer.stop(graceful=True)
         huey.storage.close()
-    return {"items": n, "enqueue_s": enqueued - start, "total_s": end - enqueued,
-            "rate": n / (end - enqueued)}
+    # End to end like minibatch's figure (enqueue -> every result stored): the same
+    # definition for both, so the ratio compares like with like.
+    return {"items": n, "enqueue_s": enqueued - start, "total_s": end - start,
+            "rate": n / (end - start)}
 
 
-CHILDREN = {"minibatch": child_minibatch, "ceiling": child_ceiling, "huey": child_huey}
+def child_ceiling_one_statement(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
+    return child_ceiling(n, timeout, workdir, claim=ceiling_claim_one_statement)
+
+
+CHILDREN = {"minibatch": child_minibatch, "ceiling": child_ceiling,
+            "ceiling-1st": child_ceiling_one_statement, "huey": child_huey}
 
 
 # -- the parent ----------
@@ -290,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     plan = [("minibatch", args.items)]
     if args.ceiling:
-        plan.append(("ceiling", args.items))
+        plan += [("ceiling", args.items), ("ceiling-1st", args.items)]
     if "huey" in args.peer:
         plan.append(("huey", args.huey_items))
     results: dict[str, dict[str, Any]] = {}
