@@ -21,6 +21,7 @@ class StoreBase:
     def __init__(self, path: str, *, synchronous: str = "normal",
                  webhook_schedule: tuple[float, ...] = (0.0,)) -> None:
         self.path = path
+        self._checkpointer: apsw.Connection | None = None
         # A new delivery is due after the schedule's first delay, for len(schedule) attempts.
         self.webhook_attempts = len(webhook_schedule)
         self.webhook_first_delay = webhook_schedule[0]
@@ -36,7 +37,31 @@ class StoreBase:
         self.migrate()
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.conn.close()
+
+    def autocheckpoint(self, on: bool) -> None:
+        """Let this connection's COMMITs checkpoint the WAL (SQLite's default), or leave
+        that to `checkpoint()` so a writer on the event loop never pays for one."""
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={1000 if on else 0}")
+
+    def checkpoint(self) -> None:
+        """Copy committed WAL frames into the database file, on a connection of its own.
+
+        PASSIVE never waits for or blocks writers, so it can run in a worker thread
+        beside the event loop's writes."""
+        if self.path == ":memory:":
+            return
+        if self._checkpointer is None:
+            self._checkpointer = apsw.Connection(self.path)
+            self._checkpointer.set_busy_timeout(1000)
+        try:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except apsw.BusyError:
+            pass  # another checkpoint is running; the next call catches up
+        except _STORAGE_FAULTS as exc:
+            raise StorageUnavailable(f"checkpoint failed: {exc}") from None
 
     @contextmanager
     def _tx(self) -> Iterator[apsw.Cursor]:

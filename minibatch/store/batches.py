@@ -10,7 +10,7 @@ import msgspec
 
 from .. import models
 from ..errors import Conflict, InvalidInput, NotFound
-from ..models import Batch, Event, to_datetime
+from ..models import Batch, DeliverySummary, Event, to_datetime
 from .base import StoreBase
 from .rows import (
     BATCH_COLS,
@@ -129,11 +129,13 @@ class BatchQueries(StoreBase):
             raise NotFound(f"no batch {batch_id!r}")
         return BatchRow(*row)
 
-    def batch_get(self, batch_id: str, tenant: str | None = None, *,
-                  with_deliveries: bool = True) -> Batch:
+    def batch_get(self, batch_id: str, tenant: str | None = None) -> Batch:
+        """The batch with its delivery summary (the polling_url's answer)."""
         row = self._batch_row_by_id(batch_id, tenant)
         batch = batch_struct(row)
-        if with_deliveries:
+        if row.webhook_url is None:  # no webhook, no deliveries: skip the two queries
+            batch.deliveries, batch.failed_webhooks = DeliverySummary(), []
+        else:
             batch.deliveries, batch.failed_webhooks = self._delivery_summary(row.seq)
         return batch
 
