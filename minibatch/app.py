@@ -113,8 +113,6 @@ class Minibatch:
         nothing when the kind, an item, the webhook or a limit is bad."""
         handler = self.registry.require(kind)
         hook = _webhook(webhook)
-        if hook is not None:
-            self.webhook_secret(tenant)  # deliveries are signed with the tenant's secret
         _check_positive(max_attempts=max_attempts, item_timeout_s=item_timeout_s,
                         concurrency=concurrency)
         row = self.store.batch_insert(
@@ -122,6 +120,8 @@ class Minibatch:
             webhook=hook, max_attempts=max_attempts or handler.max_attempts
             or self.settings.default_max_attempts, item_timeout_s=item_timeout_s,
             concurrency=concurrency, input_file_id=input_file_id, idempotency=idempotency)
+        if hook is not None:
+            self.webhook_secret(tenant)  # deliveries are signed with the tenant's secret
         if self.runner is not None:
             self.runner.notify(kind)
         return self.store.batch_get(row.id)
