@@ -1,5 +1,5 @@
 """The item loops: claimer (one per kind, sized to free slots), workers, completer,
-heartbeat and rescuer.
+heartbeat, rescuer, and the WAL checkpointer.
 
 Items flow claimer -> per-kind deque -> worker tasks -> outcome list -> completer, which
 writes outcomes in groups, one transaction per group. No loop touches SQL directly; each
@@ -107,6 +107,8 @@ class Runner:
         self.stopping = True
         for pool in self.pools.values():
             pool.wake.set()
+            pool.in_flight -= len(pool.ready)  # claimed, not started: released below
+            pool.ready.clear()
         with anyio.move_on_after(grace_s):
             while any(p.in_flight for p in self.pools.values()):
                 await anyio.sleep(0.01)
