@@ -193,8 +193,6 @@ class Deliverer:
         seq, msg_id, _tenant, url, payload, attempt_count, max_attempts, _batch, automatic = row
         attempt = attempt_count + 1
         started = time.perf_counter()
-        status = body = error = retry_after = None
-        failure = None
         try:
             status, body, retry_after, error, failure = await self._post(
                 url, msg_id, payload, keys)
