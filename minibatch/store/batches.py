@@ -131,7 +131,9 @@ class BatchQueries(StoreBase):
 
     def batch_get(self, batch_id: str, tenant: str | None = None) -> Batch:
         """The batch with its delivery summary (the polling_url's answer)."""
-        row = self._batch_row_by_id(batch_id, tenant)
+        return self._batch_with_deliveries(self._batch_row_by_id(batch_id, tenant))
+
+    def _batch_with_deliveries(self, row: BatchRow) -> Batch:
         batch = batch_struct(row)
         if row.webhook_url is None:  # no webhook, no deliveries: skip the two queries
             batch.deliveries, batch.failed_webhooks = DeliverySummary(), []
@@ -162,7 +164,7 @@ class BatchQueries(StoreBase):
         rows = self.conn.execute(
             f"SELECT {BATCH_COLS} FROM batches WHERE {' AND '.join(where)}"
             " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
-        batches = [batch_struct(BatchRow(*r)) for r in rows[:limit]]
+        batches = [self._batch_with_deliveries(BatchRow(*r)) for r in rows[:limit]]
         return batches, len(rows) > limit
 
     def batch_cancel(self, batch_id: str, tenant: str | None, now: float) -> tuple[Batch, int]:

@@ -286,3 +286,11 @@ def test_non_ascii_digits_in_limit_and_cursor_are_422_not_500(client):
     assert_problem(client.get("/v1/batches", params={"limit": "²"}), 422, "limit")
     assert_problem(client.get(f"/v1/batches/{batch['id']}/items",
                               params={"after": "9" * 30}), 422, "after")
+
+
+def test_listed_batches_are_the_same_objects_as_get(client):
+    batch = client.post("/v1/batches", json={"kind": "echo", "items": [{"input": 1}]}).json()
+    wait_terminal(client, batch["id"])
+    [listed] = client.get("/v1/batches").json()["data"]
+    assert listed == client.get(f"/v1/batches/{batch['id']}").json()
+    assert listed["deliveries"]["total"] == 0 and listed["failed_webhooks"] == []
