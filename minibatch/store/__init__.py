@@ -34,7 +34,11 @@ class Store(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries):
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Totals for /metrics: items by status, deliveries by status (all tenants)."""
-        items = dict(self.conn.execute("SELECT status, count(*) FROM items GROUP BY status"))
+        # The batch counters add up to the items by status, and are far fewer rows to read.
+        sums = self._one("SELECT total(queued), total(running), total(succeeded),"
+                         " total(failed), total(cancelled) FROM batches")
+        items = dict(zip(("queued", "running", "succeeded", "failed", "cancelled"),
+                         map(int, sums), strict=True))
         deliveries = dict(self.conn.execute(
             "SELECT status, count(*) FROM deliveries GROUP BY status"))
         return {"items": items, "deliveries": deliveries}

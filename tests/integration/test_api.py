@@ -294,3 +294,22 @@ def test_listed_batches_are_the_same_objects_as_get(client):
     [listed] = client.get("/v1/batches").json()["data"]
     assert listed == client.get(f"/v1/batches/{batch['id']}").json()
     assert listed["deliveries"]["total"] == 0 and listed["failed_webhooks"] == []
+
+
+def test_metrics_count_items_and_deliveries_without_tenant_names(server, client):
+    from tests.receiver import Receiver
+
+    with Receiver() as rx:
+        batch = client.post("/v1/batches", json={
+            "kind": "echo", "items": [{"input": i} for i in range(7)],
+            "webhook": {"url": rx.url}}).json()
+        wait_terminal(client, batch["id"])
+        deadline = time.monotonic() + 10
+        while 'minibatch_deliveries{status="succeeded"} 1' not in (
+                text := httpx.get(server.url + "/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.02)
+    assert 'minibatch_items{status="succeeded"} 7' in text
+    assert "minibatch_queue_depth 0" in text
+    assert "minibatch_item_duration_seconds_count 7" in text
+    assert "acme" not in text and batch["id"] not in text
