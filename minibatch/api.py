@@ -285,13 +285,12 @@ class Api:
     def _check_webhook_url(self, url: str) -> None:
         """A literal private address is refused up front (names resolve at send time);
         `submit` checks the scheme and host."""
-        host = urlsplit(url).hostname
-        if self.mb.settings.allow_private_webhooks or not host:
-            return
         try:
-            reason = blocked_reason(host)
+            host = urlsplit(url).hostname
+            reason = None if self.mb.settings.allow_private_webhooks or not host else \
+                blocked_reason(host)
         except ValueError:
-            return  # a name, checked when it is resolved
+            return  # a name (checked when resolved), or a malformed URL submit refuses
         if reason:
             raise InvalidInput(f"webhook.url is refused: {reason}",
                                [{"field": "webhook.url", "message": reason}])

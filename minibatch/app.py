@@ -113,8 +113,8 @@ class Minibatch:
         nothing when the kind, an item, the webhook or a limit is bad."""
         handler = self.registry.require(kind)
         hook = _webhook(webhook)
-        _check_positive(max_attempts=max_attempts, item_timeout_s=item_timeout_s,
-                        concurrency=concurrency)
+        _check_limits(max_attempts=max_attempts, item_timeout_s=item_timeout_s,
+                      concurrency=concurrency)
         row = self.store.batch_insert(
             tenant=tenant, kind=kind, items=items, now=self.now(), metadata=metadata,
             webhook=hook, max_attempts=max_attempts or handler.max_attempts
@@ -214,17 +214,25 @@ def _webhook(webhook: dict | models.WebhookIn | None) -> models.WebhookIn | None
         except msgspec.ValidationError as exc:
             raise InvalidInput(f"webhook: {exc}", [{"field": "webhook", "message": str(exc)}]
                                ) from None
-    parts = urlsplit(webhook.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput("webhook.url must be an http(s) URL with a host",
-                           [{"field": "webhook.url", "message": "not an http(s) URL"}])
+    bad = "not an http(s) URL with a host and a valid port"
+    try:
+        parts = urlsplit(webhook.url)
+        ok = parts.scheme in ("http", "https") and parts.hostname and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # a bad port or bracketed host: urlsplit and .port raise
+        ok = False
+    if not ok:
+        raise InvalidInput(f"webhook.url is {bad}", [{"field": "webhook.url", "message": bad}])
     return webhook
 
 
-def _check_positive(**limits: float | None) -> None:
+def _check_limits(**limits: float | None) -> None:
+    """The batch's own limits: positive, finite and within models.LIMITS."""
     for name, value in limits.items():
-        if value is not None and (isinstance(value, bool) or value <= 0):
-            raise InvalidInput(f"{name} must be > 0", [{"field": name, "message": "must be > 0"}])
+        top = models.LIMITS[name]
+        if value is not None and (isinstance(value, bool) or not 0 < value <= top):
+            message = f"must be > 0 and <= {top}"
+            raise InvalidInput(f"{name} {message}", [{"field": name, "message": message}])
 
 
 def run_batch(fn: Callable, items: Iterable[Any], *, kind: str = "job", db: str = ":memory:",

@@ -7,6 +7,7 @@ the setting.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -49,10 +50,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                     "webhook_timeout_s", "webhook_concurrency", "webhook_per_host",
                     "max_json_bytes", "max_file_bytes")
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise InvalidInput(f"setting {name} must be > 0, got {getattr(self, name)}")
-        if not self.webhook_retry_schedule or min(self.webhook_retry_schedule) < 0:
-            raise InvalidInput("setting webhook_retry_schedule needs at least one delay >= 0")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidInput(f"setting {name} must be a number > 0, got {value}")
+        schedule = self.webhook_retry_schedule
+        if not schedule or not all(math.isfinite(s) and s >= 0 for s in schedule):
+            raise InvalidInput("setting webhook_retry_schedule needs one or more finite"
+                               " delays >= 0")
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:

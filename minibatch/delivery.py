@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
+import math
 import random
 import socket
 import time
@@ -98,6 +99,8 @@ def retry_after_s(value: str | None, now: float) -> float:
         return 0.0
     try:
         seconds = float(value)
+        if not math.isfinite(seconds):
+            return 0.0
     except ValueError:
         try:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
@@ -108,8 +111,10 @@ def retry_after_s(value: str | None, now: float) -> float:
 
 def next_delay(schedule: tuple[float, ...], attempt_number: int, retry_after: float) -> float:
     """Wait before attempt `attempt_number + 1`: the schedule with +-20 % jitter, never
-    shorter than what the receiver asked for."""
-    return max(schedule[attempt_number] * random.uniform(0.8, 1.2), retry_after)
+    shorter than what the receiver asked for. A delivery made under a longer schedule
+    (before a restart with a shorter one) keeps the new schedule's last delay."""
+    step = schedule[min(attempt_number, len(schedule) - 1)]
+    return max(step * random.uniform(0.8, 1.2), retry_after)
 
 
 class Deliverer:

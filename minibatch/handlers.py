@@ -7,6 +7,7 @@ the kind's concurrency. `run_attempt` is the only code that catches what a handl
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from .store import Claimed, Outcome, error_bytes
 
 DEFAULT_ASYNC_CONCURRENCY = 16
 DEFAULT_SYNC_CONCURRENCY = 4
+MAX_RETRY_AFTER_S = 86400.0
 
 
 class Handler:
@@ -114,8 +116,9 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
     except Fail as exc:
         return _end(claimed, "failed", None, error_bytes(exc.code, str(exc)))
     except Retry as exc:
-        delay = exc.after if exc.after is not None else backoff(item.attempt, *backoff_s)
-        return _failed(claimed, "retry", str(exc), delay, now)
+        delay = _delay(exc.after) if exc.after is not None else None
+        return _failed(claimed, "retry", str(exc),
+                       backoff(item.attempt, *backoff_s) if delay is None else delay, now)
     except Exception as exc:  # a handler's bug is the item's failure, never the runner's
         return _failed(claimed, "exception", f"{type(exc).__name__}: {exc}",
                        backoff(item.attempt, *backoff_s), now)
@@ -125,6 +128,14 @@ async def _call(handler: Handler, item: Any) -> Any:
     if handler.is_async:
         return await handler.fn(item)
     return await anyio.to_thread.run_sync(handler.fn, item, limiter=handler.limiter)
+
+
+def _delay(after: Any) -> float | None:
+    """`Retry(after=…)` as seconds: a finite number >= 0 (capped at a day), else None."""
+    if isinstance(after, bool) or not isinstance(after, int | float) or not math.isfinite(
+            after):
+        return None
+    return min(max(float(after), 0.0), MAX_RETRY_AFTER_S)
 
 
 def cancelled_outcome(claimed: Claimed) -> Outcome:

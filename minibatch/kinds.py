@@ -7,6 +7,7 @@ fail the item. Its destinations follow the webhook rule on private addresses.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -74,8 +75,8 @@ class HttpKind:
                     allow_redirects=False) as resp:
                 raw = await read_capped(resp, RESPONSE_LIMIT)
                 if resp.status == 429 or resp.status >= 500:
-                    raise Retry(after=retry_after_s(resp.headers.get("Retry-After"), 0) or None,
-                                message=f"HTTP {resp.status}")
+                    wait = retry_after_s(resp.headers.get("Retry-After"), time.time())
+                    raise Retry(after=wait or None, message=f"HTTP {resp.status}")
                 if resp.status >= 400:
                     raise Fail(f"HTTP {resp.status}: {raw[:500].decode('utf-8', 'replace')}",
                                code="http_status")

@@ -13,10 +13,10 @@ A terminal state never changes again.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import UNSET, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 ItemStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 BatchStatus = Literal["queued", "running", "completed", "failed", "cancelling", "cancelled"]
@@ -30,6 +30,9 @@ BATCH_TERMINAL = ("completed", "failed", "cancelled")
 BATCH_EVENTS: tuple[str, ...] = ("batch.completed", "batch.failed", "batch.cancelled")
 
 encoder = msgspec.json.Encoder()
+
+# Upper bounds on a batch's own limits (also keeps them inside SQLite's 64-bit integers).
+LIMITS = {"max_attempts": 100, "concurrency": 100_000, "item_timeout_s": 7 * 86400.0}
 
 
 def to_datetime(ts: float | None) -> datetime | None:
@@ -204,7 +207,7 @@ class ItemLine(Struct, forbid_unknown_fields=True):
 
 class WebhookIn(Struct, forbid_unknown_fields=True):
     url: str
-    events: list[EventType] | None = None
+    events: Annotated[list[EventType], Meta(min_length=1)] | None = None
 
 
 class BatchCreate(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -213,9 +216,9 @@ class BatchCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     input_file_id: str | None = None
     webhook: WebhookIn | None = None
     metadata: dict[str, Any] | None = None
-    max_attempts: int | None = None
-    item_timeout_s: float | None = None
-    concurrency: int | None = None
+    max_attempts: Annotated[int, Meta(ge=1, le=LIMITS["max_attempts"])] | None = None
+    item_timeout_s: Annotated[float, Meta(gt=0, le=LIMITS["item_timeout_s"])] | None = None
+    concurrency: Annotated[int, Meta(ge=1, le=LIMITS["concurrency"])] | None = None
 
 
 class RotateSecret(Struct, forbid_unknown_fields=True):

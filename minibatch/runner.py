@@ -70,7 +70,9 @@ class Runner:
         self.pools: dict[str, KindPool] = {}
         self.outcomes: list[Outcome] = []
         self.outcome_ready = anyio.Event()
-        self.running: dict[int, tuple[int, anyio.CancelScope]] = {}
+        # (item seq, claim token) -> (batch seq, scope): a claim, not an item, since this
+        # process may re-claim an item whose lease it lost while the first run goes on.
+        self.running: dict[tuple[int, int], tuple[int, anyio.CancelScope]] = {}
         self.cancelled: set[int] = set()
         self.stopping = False
         self._backoff = (settings.retry_base_s, settings.retry_cap_s)
@@ -192,7 +194,7 @@ class Runner:
                 current = pool.ready.popleft()
                 if pool.ready:
                     pool.wake_one()
-                self.running[current.seq] = (current.batch_seq, scope)
+                self.running[current.seq, current.token] = (current.batch_seq, scope)
                 if current.batch_seq in self.cancelled:
                     scope.cancel()
                 outcome = await run_attempt(handler, current, current.timeout_s or
@@ -206,7 +208,7 @@ class Runner:
 
     def _finish(self, pool: KindPool, claimed: Claimed, outcome: Outcome) -> None:
         self.latency.observe(self.now() - claimed.claimed_at)
-        del self.running[claimed.seq]
+        del self.running[claimed.seq, claimed.token]
         pool.in_flight -= 1
         # Events are set only on the transitions their waiters wait for (a full pool gets
         # a slot; the first outcome since the last write): setting one per item cost ~7 %.

@@ -83,7 +83,10 @@ def item_id(seq: int) -> str:
 
 
 def error_bytes(code: str, message: str) -> bytes:
-    return encode(ItemError(code, message[:ERROR_MESSAGE_CAP]))
+    """An item error, capped; text that is not valid UTF-8 (lone surrogates from
+    os.fsdecode, say) is replaced, so recording an error can never fail."""
+    text = message[:ERROR_MESSAGE_CAP].encode("utf-8", "replace").decode()
+    return encode(ItemError(code, text))
 
 
 def sanitize_url(url: str) -> str:

@@ -313,3 +313,20 @@ def test_metrics_count_items_and_deliveries_without_tenant_names(server, client)
     assert "minibatch_queue_depth 0" in text
     assert "minibatch_item_duration_seconds_count 7" in text
     assert "acme" not in text and batch["id"] not in text
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"webhook": {"url": "http://example.com:99999/x"}}, "webhook.url"),
+    ({"webhook": {"url": "http://example.com:abc/x"}}, "webhook.url"),
+    ({"webhook": {"url": "http://[::1/x"}}, "webhook.url"),
+    ({"webhook": {"url": "http://x/", "events": []}}, "webhook.events"),
+    ({"max_attempts": 18446744073709551615}, "max_attempts"),
+    ({"concurrency": 9223372036854775808}, "concurrency"),
+    ({"item_timeout_s": 1e300}, "item_timeout_s"),
+])
+def test_ports_hosts_events_and_huge_numbers_are_422_not_500(client, body, field):
+    """Found in review: a bad port was stored and then crashed the server on every start;
+    huge integers overflowed SQLite's 64 bits."""
+    assert_problem(client.post("/v1/batches", json={"kind": "echo", "items": [{"input": 1}],
+                                                    **body}), 422, field)
+    assert client.get("/v1/batches").json()["data"] == []

@@ -59,3 +59,13 @@ def test_jitter_never_makes_the_wait_shorter_than_retry_after():
     assert all(next_delay(schedule, 1, 100) >= 100 for _ in range(200))
     assert all(next_delay(schedule, 2, 30) >= 240 for _ in range(200))
 
+
+
+def test_retry_after_that_is_not_a_finite_number_is_ignored():
+    for value in ("nan", "inf", "-inf", "NaN"):
+        assert retry_after_s(value, 1_000_000.0) == 0
+
+
+def test_a_shorter_schedule_after_a_restart_keeps_its_last_delay():
+    """Found in review: attempts made under a longer schedule indexed past the new one."""
+    assert 0.8 <= next_delay((0.0, 1.0), 5, 0) <= 1.2

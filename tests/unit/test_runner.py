@@ -348,3 +348,48 @@ async def test_an_error_inside_the_context_propagates_as_itself(mb):
             batch = await mb.submit("echo", [{"input": 1}])
             await mb.wait(batch.id, timeout=10)
             raise TimeoutError("from the body")
+
+
+async def test_what_a_handler_raises_never_stops_the_runner(mb):
+    """Found in review: a surrogate in a message, or Retry(after=nan/"5"), escaped
+    run_attempt and took the whole task group down."""
+    @mb.handler("odd", max_attempts=2)
+    async def odd(item):
+        if item.input == "surrogate-fail":
+            raise minibatch.Fail("cannot read \udcff")
+        if item.input == "surrogate-exc":
+            raise ValueError("bad \udcff")
+        if item.attempt == 1:
+            raise minibatch.Retry(after=float("nan") if item.input == "nan" else "5")
+        return "ok"
+
+    async with mb:
+        batch = await mb.submit("odd", [{"input": v} for v in
+                                        ("surrogate-fail", "surrogate-exc", "nan", "str")])
+        done = await mb.wait(batch.id, timeout=10)
+        results = [r async for r in mb.results(batch.id)]
+    assert done.status == "completed"
+    assert [r.status for r in results] == ["failed", "failed", "succeeded", "succeeded"]
+    assert results[0].error.message == "cannot read ?"
+
+
+async def test_an_item_whose_lease_this_process_lost_runs_again_without_a_crash(mb):
+    """Found in review: the same runner re-claimed its own item while the first run went
+    on, and both runs shared one key in the runner's table of running items."""
+    started = anyio.Event()
+
+    @mb.handler("slow", concurrency=2)
+    async def slow(item):
+        started.set()
+        await anyio.sleep(0.3)
+        return item.attempt
+
+    async with mb:
+        batch = await mb.submit("slow", [{"input": 1}])
+        await started.wait()
+        mb.store.leases_expire(mb.runner.owner)
+        mb.store.items_rescue(mb.now())
+        done = await mb.wait(batch.id, timeout=10)
+        results = [r async for r in mb.results(batch.id)]
+    assert done.status == "completed" and done.metrics.succeeded == 1
+    assert [r.output for r in results] == [2]  # the first run's outcome was discarded

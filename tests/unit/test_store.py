@@ -124,3 +124,15 @@ def test_a_handed_back_attempt_cannot_complete_the_next_claim_of_the_same_owner(
     fresh = Outcome(second.seq, second.batch_seq, second.token, "succeeded", b"1", None, 0.0)
     assert store.items_finish([fresh], "w1", T0 + 4) == 1
     assert store.batch_get(batch_id).status == "completed"
+
+
+def test_settings_refuse_nan_and_infinite_numbers():
+    import pytest
+
+    from minibatch.config import make_settings
+    from minibatch.errors import InvalidInput
+
+    for bad in ({"lease_s": float("nan")}, {"webhook_timeout_s": float("inf")},
+                {"webhook_retry_schedule": "0,nan"}, {"webhook_retry_schedule": "inf"}):
+        with pytest.raises(InvalidInput):
+            make_settings(**bad)
