@@ -33,9 +33,10 @@ RESPONSE_STORE_LIMIT = 1024
 RETRY_AFTER_CAP_S = 24 * 3600.0
 LEASE_MARGIN_S = 5.0  # a claimed delivery is due again this long after its timeout
 
-# IPv6 prefixes whose addresses embed an IPv4 address in their last 32 bits.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+# IPv6 prefixes whose addresses embed an IPv4 address in their last 32 bits: NAT64
+# (well-known and local-use), IPv4-translated, and IPv4-compatible.
+_EMBEDDING = [ipaddress.ip_network(n) for n in
+              ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")]
 
 
 class BlockedDestination(Exception):
@@ -46,11 +47,13 @@ def blocked_reason(address: str) -> str | None:
     """Why this address may not receive webhooks, or None if it may."""
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or (ip.sixtofour) or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and (ip in _NAT64 or (ip in _V4_COMPATIBLE and int(ip) > 1)):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and int(ip) > 1 and any(ip in net for net in _EMBEDDING):
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None and blocked_reason(str(embedded)):
             return f"{ip} embeds the refused IPv4 address {embedded}"
+        if ip.is_site_local:
+            return f"{ip} is a (deprecated) site-local address"
     if ip.is_multicast or not ip.is_global:
         return f"{ip} is not a public address"
     if isinstance(ip, ipaddress.IPv4Address) and ip.packed[0] in (0, 255):
@@ -281,13 +284,17 @@ async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 def literal_blocked(url: str) -> str | None:
-    """aiohttp skips the resolver for IP literals, so those are checked here."""
+    """aiohttp skips the resolver for IP literals, and refuses numeric spellings such as
+    `2130706433` or `127.1` as URLs, so both are read here as a resolver would."""
     host = urlsplit(url).hostname or ""
     try:
-        ipaddress.ip_address(host.split("%")[0])
+        address = str(ipaddress.ip_address(host.split("%")[0]))
     except ValueError:
-        return None
-    reason = blocked_reason(host)
+        try:  # inet_aton reads the classic spellings: 127.1, 0x7f000001, 0177.0.0.1, ...
+            address = str(ipaddress.IPv4Address(socket.inet_aton(host)))
+        except OSError:
+            return None
+    reason = blocked_reason(address)
     return f"refused destination: {reason}" if reason else None
 
 

@@ -11,6 +11,7 @@ from .base import StoreBase
 from .rows import (
     BatchRow,
     new_id,
+    sanitize_url,
 )
 
 
@@ -110,7 +111,8 @@ class DeliveryQueries(StoreBase):
                     " error_message, is_automatic, created_at FROM attempts WHERE delivery=?"
                     " ORDER BY rowid", (r[0],))]
             out.append(Delivery(
-                id=r[1], batch_id=r[2], event=r[3], url=r[4], payload_bytes=r[5].decode(),
+                id=r[1], batch_id=r[2], event=r[3], url=sanitize_url(r[4]),
+                payload_bytes=r[5].decode(),
                 status=r[6], is_automatic=bool(r[7]), signing_secret_id=r[8],
                 attempt_count=r[9], max_attempts=r[10],
                 next_attempt_at=to_datetime(r[11]) if r[6] == "pending" else None,

@@ -8,6 +8,7 @@ from typing import Any
 
 import apsw
 
+from ..errors import InvalidInput
 from ..models import Event, Item, ItemRecord, to_datetime
 from .base import StoreBase
 from .rows import (
@@ -179,8 +180,11 @@ class ItemQueries(StoreBase):
 
     def items_page(self, batch_id: str, tenant: str | None, *, status: str | None,
                    limit: int, after: int) -> tuple[list[ItemRecord], bool]:
-        """Items in submission order after index `after` (exclusive)."""
+        """Items in submission order after index `after` (exclusive; -1 for the start)."""
         row = self._batch_row_by_id(batch_id, tenant)
+        if not -1 <= after < row.total:
+            raise InvalidInput(f"unknown cursor {after!r}",
+                               [{"field": "after", "message": "unknown cursor"}])
         sql = ("SELECT seq, idx, entry_id, status, input, output, error, attempts, metadata"
                " FROM items WHERE batch=? AND idx>?")
         args: list[Any] = [row.seq, after]

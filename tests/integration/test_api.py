@@ -330,3 +330,11 @@ def test_ports_hosts_events_and_huge_numbers_are_422_not_500(client, body, field
     assert_problem(client.post("/v1/batches", json={"kind": "echo", "items": [{"input": 1}],
                                                     **body}), 422, field)
     assert client.get("/v1/batches").json()["data"] == []
+
+
+def test_an_items_cursor_past_the_end_is_422(client):
+    batch = client.post("/v1/batches", json={"kind": "echo", "items": [{"input": 1}]}).json()
+    assert client.get(f"/v1/batches/{batch['id']}/items", params={"after": 0}).status_code \
+        == 200
+    assert_problem(client.get(f"/v1/batches/{batch['id']}/items", params={"after": 1}),
+                   422, "after")

@@ -69,3 +69,19 @@ def test_retry_after_that_is_not_a_finite_number_is_ignored():
 def test_a_shorter_schedule_after_a_restart_keeps_its_last_delay():
     """Found in review: attempts made under a longer schedule indexed past the new one."""
     assert 0.8 <= next_delay((0.0, 1.0), 5, 0) <= 1.2
+
+
+@pytest.mark.parametrize("address", ["64:ff9b:1::a00:1", "::ffff:0:7f00:1", "fec0::1"])
+def test_special_use_ipv6_forms_are_refused(address):
+    """Found in review: local-use NAT64, IPv4-translated and site-local passed."""
+    assert blocked_reason(address) is not None
+
+
+@pytest.mark.parametrize("spelling", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1"])
+def test_numeric_spellings_in_a_url_are_refused_before_sending(spelling):
+    """aiohttp rejects these URLs itself (a retried connection_error); they must be a
+    blocked_destination at once."""
+    from minibatch.delivery import literal_blocked
+
+    assert "127.0.0.1" in literal_blocked(f"http://{spelling}:8080/hook")
+    assert literal_blocked("http://example.com/hook") is None
