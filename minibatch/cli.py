@@ -106,11 +106,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(exc.detail) from None
     s = mb.settings
     try:
+        _check_can_listen(s.host, s.port)
         anyio.run(serve_until_signalled, mb, s.host, s.port,
                   backend_options={"use_uvloop": True})
     finally:
         mb.close()
     return 0
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail with one line now rather than with uvicorn's exit inside the task group."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _store(db: str | None) -> Any:
@@ -130,6 +144,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from .auth import create_tenant_key
     from .errors import MinibatchError
+    from .models import MAX_OVERLAP_S
     from .signing import new_secret
     from .store import new_id
 
@@ -138,6 +153,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.keys_command == "create":
             out = create_tenant_key(store, args.tenant)
         else:
+            if not store.tenant_exists(args.tenant):
+                raise CliError(f"no tenant {args.tenant!r} (create it with keys create)")
+            if not 0 <= args.overlap <= MAX_OVERLAP_S:
+                raise CliError(f"--overlap must be 0 to {MAX_OVERLAP_S:g} seconds (30 days)")
             secret_id, secret = new_id("secret"), new_secret()
             store.secret_rotate(args.tenant, secret_id, secret, args.overlap, time.time())
             out = {"tenant": args.tenant, "webhook_secret": secret, "secret_id": secret_id}
@@ -163,13 +182,18 @@ class Client:
         key = os.environ.get("MINIBATCH_API_KEY")
         if not key:
             raise CliError("set MINIBATCH_API_KEY (see: minibatch keys create --tenant NAME)")
-        self.client = httpx.Client(base_url=self.url, timeout=30,
-                                   headers={"Authorization": f"Bearer {key}"})
+        if not key.isascii():
+            raise CliError("MINIBATCH_API_KEY has characters an API key never has")
+        try:
+            self.client = httpx.Client(base_url=self.url, timeout=30,
+                                       headers={"Authorization": f"Bearer {key}"})
+        except httpx.InvalidURL as exc:
+            raise CliError(f"not a server URL: {self.url} ({exc})") from None
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.client.request(method, path, **kwargs)
-        except self.httpx.TransportError as exc:
+        except (self.httpx.TransportError, self.httpx.InvalidURL) as exc:
             raise CliError(f"cannot reach the minibatch server at {self.url}: {exc}") from None
         self._raise_for(response)
         return response
@@ -182,7 +206,7 @@ class Client:
                     self._raise_for(response)
                 for chunk in response.iter_bytes():
                     out.write(chunk)
-        except self.httpx.TransportError as exc:
+        except (self.httpx.TransportError, self.httpx.InvalidURL) as exc:
             raise CliError(f"cannot reach the minibatch server at {self.url}: {exc}") from None
 
     @staticmethod

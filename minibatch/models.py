@@ -221,8 +221,11 @@ class BatchCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     concurrency: Annotated[int, Meta(ge=1, le=LIMITS["concurrency"])] | None = None
 
 
+MAX_OVERLAP_S = 30 * 86400.0  # the longest an old signing secret keeps signing
+
+
 class RotateSecret(Struct, forbid_unknown_fields=True):
-    overlap_s: float = 86400.0
+    overlap_s: Annotated[float, Meta(ge=0, le=MAX_OVERLAP_S)] = 86400.0
 
 
 class SecretRotated(Struct):

@@ -26,6 +26,9 @@ class AccountQueries(StoreBase):
                 cur.execute("INSERT INTO secrets VALUES (?,?,?,?,NULL)",
                             (secret_id, name, secret, now))
 
+    def tenant_exists(self, name: str) -> bool:
+        return self._one("SELECT 1 FROM tenants WHERE name=?", (name,)) is not None
+
     def tenant_by_key(self, key_hash: bytes) -> str | None:
         row = self._one("SELECT tenant FROM api_keys WHERE key_hash=?", (key_hash,))
         return row[0] if row else None

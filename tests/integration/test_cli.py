@@ -175,3 +175,18 @@ def test_readme_curl_example_runs_as_written(served):
     status, result = proc.stdout.strip().splitlines()[-2:]
     assert '"status":"completed"' in status.replace(" ", "")
     assert json.loads(result)["output"] == {"hello": "world"}
+
+
+def test_more_client_mistakes_are_one_line(served, tmp_path):
+    """Found in review: these printed tracebacks."""
+    env = {**served.client_env, "MINIBATCH_URL": "http://[::1"}
+    assert "URL" in one_clear_line(cli("status", "batch_x", env=env))
+    env = {**served.client_env, "MINIBATCH_API_KEY": "clé"}
+    assert "MINIBATCH_API_KEY" in one_clear_line(cli("status", "batch_x", env=env))
+    taken = cli("serve", "--db", str(tmp_path / "other.db"), "--port", str(served.port))
+    assert "cannot listen" in one_clear_line(taken)
+    nobody = cli("keys", "rotate-secret", "--tenant", "nobody", "--db", served.db)
+    assert "no tenant" in one_clear_line(nobody)
+    negative = cli("keys", "rotate-secret", "--tenant", "cli", "--overlap", "-100",
+                   "--db", served.db)
+    assert "--overlap" in one_clear_line(negative)
