@@ -45,6 +45,7 @@ from .models import (
     Result,
     RotateSecret,
     SecretRotated,
+    too_deep,
 )
 from .store import BatchRow, batch_struct, item_id
 
@@ -159,7 +160,12 @@ def parse_jsonl(data: bytes, errors: list[dict]) -> Iterator[tuple]:
                 continue
             seen.add(line.entry_id)
         meta = None if line.metadata is None else _encode(line.metadata)
-        yield number, line.entry_id, bytes(line.input), meta
+        item = bytes(line.input)
+        if too_deep(item) or (meta is not None and too_deep(meta)):
+            errors.append({"line": number,
+                           "message": f"nested deeper than {models.MAX_NESTING} levels"})
+            continue
+        yield number, line.entry_id, item, meta
 
 
 def _checked_lines(data: bytes) -> Iterator[tuple]:

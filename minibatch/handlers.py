@@ -112,6 +112,9 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
         except (TypeError, msgspec.EncodeError, RecursionError) as exc:
             return _end(claimed, "failed", None,
                         error_bytes("output_not_json", f"handler returned {exc}"))
+        if models.too_deep(output):
+            return _end(claimed, "failed", None, error_bytes(
+                "output_not_json", f"output nests deeper than {models.MAX_NESTING} levels"))
         return _end(claimed, "succeeded", output, None)
     except Fail as exc:
         return _end(claimed, "failed", None, error_bytes(exc.code, str(exc)))

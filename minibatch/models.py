@@ -31,6 +31,39 @@ BATCH_EVENTS: tuple[str, ...] = ("batch.completed", "batch.failed", "batch.cance
 
 encoder = msgspec.json.Encoder()
 
+# JSON nested deeper than this is refused: msgspec's recursion guard depends on how deep
+# the caller's stack already is, so a document that decodes at the API could fail to
+# decode again in the runner, deeper down.
+MAX_NESTING = 128
+
+
+def too_deep(data: bytes, limit: int = MAX_NESTING) -> bool:
+    """True if JSON `data` nests arrays/objects deeper than `limit`.
+
+    Counting brackets first keeps the common case in C: fewer than `limit` of them
+    cannot nest that deep."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
 # Upper bounds on a batch's own limits (also keeps them inside SQLite's 64-bit integers).
 LIMITS = {"max_attempts": 100, "concurrency": 100_000, "item_timeout_s": 7 * 86400.0}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .accounts import AccountQueries
 from .batches import BatchQueries
-from .deliveries import DeliveryQueries
+from .deliveries import PUBLIC_STATUS, DeliveryQueries
 from .items import ItemQueries
 from .rows import (
     BatchRow,
@@ -40,7 +40,7 @@ class Store(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries):
         items = dict(zip(("queued", "running", "succeeded", "failed", "cancelled"),
                          map(int, sums), strict=True))
         deliveries = dict(self.conn.execute(
-            "SELECT status, count(*) FROM deliveries GROUP BY status"))
+            f"SELECT {PUBLIC_STATUS} AS s, count(*) FROM deliveries GROUP BY s"))
         return {"items": items, "deliveries": deliveries}
 
 

@@ -10,7 +10,7 @@ import msgspec
 
 from .. import models
 from ..errors import Conflict, InvalidInput, NotFound
-from ..models import Batch, DeliverySummary, Event, to_datetime
+from ..models import MAX_NESTING, Batch, DeliverySummary, Event, to_datetime, too_deep
 from .base import StoreBase
 from .rows import (
     BATCH_COLS,
@@ -94,6 +94,10 @@ class BatchQueries(StoreBase):
                 raise InvalidInput(
                     f"item {index} is not JSON-encodable: {exc}",
                     [{"field": f"items[{index}].input", "message": str(exc)}]) from None
+            if too_deep(encoded) or (meta is not None and too_deep(meta)):
+                raise InvalidInput(
+                    f"item {index} nests deeper than {MAX_NESTING} levels",
+                    [{"field": f"items[{index}]", "message": "nested too deeply"}])
             chunk.append((seq, index, kind, item.entry_id, encoded, meta, now))
             index += 1
             if len(chunk) >= CHUNK:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import apsw
 
-from ..errors import NotFound
+from ..errors import Conflict, NotFound
 from ..models import Attempt, Delivery, DeliverySummary, FailedWebhook, to_datetime
 from .base import StoreBase
 from .rows import (
@@ -13,6 +13,9 @@ from .rows import (
     new_id,
     sanitize_url,
 )
+
+# 'sending' (an attempt in flight) is internal: the API shows such a delivery as pending.
+PUBLIC_STATUS = "CASE status WHEN 'sending' THEN 'pending' ELSE status END"
 
 
 class DeliveryQueries(StoreBase):
@@ -25,21 +28,23 @@ class DeliveryQueries(StoreBase):
              self.webhook_attempts, now + self.webhook_first_delay, now))
 
     def deliveries_claim(self, now: float, limit: int, lease_s: float) -> list[tuple]:
-        """Due deliveries, leased by pushing `next_attempt_at` past the attempt's timeout.
-
-        A process that dies mid-attempt leaves the delivery due again once that passes.
-        """
+        """Due deliveries, marked 'sending' and leased by pushing `next_attempt_at` past
+        the attempt's timeout: a process that dies mid-attempt leaves the delivery due
+        again once that passes."""
         with self._tx() as cur:
             return cur.execute(
-                "UPDATE deliveries SET next_attempt_at=? WHERE seq IN (SELECT seq FROM"
-                " deliveries WHERE status='pending' AND next_attempt_at<=?"
-                " ORDER BY next_attempt_at LIMIT ?)"
+                "UPDATE deliveries SET status='sending', next_attempt_at=? WHERE seq IN"
+                " (SELECT seq FROM deliveries WHERE status IN ('pending', 'sending')"
+                " AND next_attempt_at<=? ORDER BY next_attempt_at LIMIT ?)"
                 " RETURNING seq, id, tenant, url, payload, attempt_count, max_attempts, batch,"
                 " is_automatic", (now + lease_s, now, limit)).fetchall()
 
     def deliveries_record(self, records: list) -> None:
         """Record attempts (delivery.AttemptRecord) and what follows each: done, failed,
-        or the time of the next attempt. One transaction for the group."""
+        or the time of the next attempt. One transaction for the group.
+
+        Only a delivery still 'sending' takes the record: one ended meanwhile (a sibling's
+        410) keeps its end."""
         updates = []
         for r in records:
             if r.failure is None:
@@ -54,17 +59,19 @@ class DeliveryQueries(StoreBase):
                             r.error if final_failure else None, r.status_code, r.error, r.now,
                             None if status == "pending" else r.now, r.seq))
         with self._tx() as cur:
+            # is_automatic: after a manual attempt, the attempts still scheduled are automatic
+            taken = {seq for (seq,) in cur.executemany(
+                "UPDATE deliveries SET status=?1, attempt_count=?2, signing_secret_id=?3,"
+                " next_attempt_at=?4, failure_reason_code=?5, failure_detail=?6,"
+                " last_status_code=?7, last_error=?8, last_attempt_at=?9, completed_at=?10,"
+                " is_automatic=CASE WHEN ?1='pending' THEN 1 ELSE is_automatic END"
+                " WHERE seq=?11 AND status='sending' RETURNING seq", updates)}
             cur.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?)",
                             [(r.seq, r.attempt_number, r.status_code, r.response_body,
                               r.response_time_ms, r.error, r.is_automatic, r.now)
-                             for r in records])
-            cur.executemany(
-                "UPDATE deliveries SET status=?, attempt_count=?, signing_secret_id=?,"
-                " next_attempt_at=?, failure_reason_code=?, failure_detail=?,"
-                " last_status_code=?, last_error=?, last_attempt_at=?, completed_at=?"
-                " WHERE seq=?", updates)
+                             for r in records if r.seq in taken])
             for r in records:
-                if r.gone:
+                if r.gone and r.seq in taken:
                     self._deliveries_end_gone(cur, r.seq, r.now)
 
     def _deliveries_end_gone(self, cur: apsw.Cursor, seq: int, now: float) -> None:
@@ -78,24 +85,35 @@ class DeliveryQueries(StoreBase):
         cur.execute("UPDATE batches SET webhook_gone=1 WHERE seq=?", (batch,))
 
     def delivery_redeliver(self, delivery_id: str, tenant: str | None, now: float) -> Delivery:
-        """Manual redelivery: the same frozen bytes and webhook-id, sent again now."""
+        """Manual redelivery: the same frozen bytes and webhook-id, sent again now.
+
+        A pending delivery keeps its remaining automatic attempts (the manual one comes
+        first); an ended one gets one more attempt; one being sent is a 409."""
         with self._tx() as cur:
-            row = self._one("SELECT seq, tenant, max_attempts, attempt_count FROM deliveries"
-                            " WHERE id=?", (delivery_id,))
+            row = self._one("SELECT seq, tenant, status FROM deliveries WHERE id=?",
+                            (delivery_id,))
             if row is None or (tenant is not None and row[1] != tenant):
                 raise NotFound(f"no delivery {delivery_id!r}")
-            cur.execute(
-                "UPDATE deliveries SET status='pending', is_automatic=0, next_attempt_at=?,"
-                " max_attempts=attempt_count+1, completed_at=NULL, failure_reason_code=NULL,"
-                " failure_detail=NULL WHERE seq=?", (now, row[0]))
-        return self.deliveries_of(seq=row[0])[0]
+            seq, _, status = row
+            if status == "sending":
+                raise Conflict("an attempt of this delivery is in flight; retry once it ends")
+            if status == "pending":
+                cur.execute("UPDATE deliveries SET is_automatic=0, next_attempt_at=?"
+                            " WHERE seq=?", (now, seq))
+            else:
+                cur.execute(
+                    "UPDATE deliveries SET status='pending', is_automatic=0, next_attempt_at=?,"
+                    " max_attempts=attempt_count+1, completed_at=NULL,"
+                    " failure_reason_code=NULL, failure_detail=NULL WHERE seq=?", (now, seq))
+        return self.deliveries_of(seq=seq)[0]
 
     def deliveries_of(self, *, batch_seq: int | None = None, seq: int | None = None
                       ) -> list[Delivery]:
         """Deliveries of a batch (oldest first) or one delivery, each with its attempts."""
         where, arg = ("batch=?", batch_seq) if seq is None else ("d.seq=?", seq)
         rows = self.conn.execute(
-            "SELECT d.seq, d.id, b.id, event, url, payload, d.status, is_automatic,"
+            "SELECT d.seq, d.id, b.id, event, url, payload,"
+            " CASE d.status WHEN 'sending' THEN 'pending' ELSE d.status END, is_automatic,"
             " signing_secret_id, attempt_count, d.max_attempts, next_attempt_at,"
             " failure_reason_code, failure_detail, d.created_at, d.completed_at"
             f" FROM deliveries d JOIN batches b ON b.seq=d.batch WHERE {where} ORDER BY d.seq",
@@ -122,12 +140,14 @@ class DeliveryQueries(StoreBase):
         return out
 
     def deliveries_pending_count(self) -> int:
-        return self._one("SELECT count(*) FROM deliveries WHERE status='pending'")[0]
+        return self._one("SELECT count(*) FROM deliveries"
+                         " WHERE status IN ('pending', 'sending')")[0]
 
     def _delivery_summary(self, batch_seq: int) -> tuple[DeliverySummary, list[FailedWebhook]]:
         summary = DeliverySummary()
         for status, n in self.conn.execute(
-                "SELECT status, count(*) FROM deliveries WHERE batch=? GROUP BY status",
+                f"SELECT {PUBLIC_STATUS} AS s, count(*) FROM deliveries WHERE batch=?"
+                " GROUP BY s",
                 (batch_seq,)):
             setattr(summary, status, n)
             summary.total += n

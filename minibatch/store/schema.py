@@ -115,4 +115,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE items ADD COLUMN lease_token INTEGER;
     """,
+    # 4: a delivery being sent is 'sending' (shown as pending), so a manual retry can tell
+    # an attempt in flight from one waiting for its time
+    """
+    DROP INDEX deliveries_due;
+    CREATE INDEX deliveries_due ON deliveries(next_attempt_at)
+        WHERE status IN ('pending', 'sending');
+    """,
 ]

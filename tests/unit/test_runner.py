@@ -393,3 +393,33 @@ async def test_an_item_whose_lease_this_process_lost_runs_again_without_a_crash(
         results = [r async for r in mb.results(batch.id)]
     assert done.status == "completed" and done.metrics.succeeded == 1
     assert [r.output for r in results] == [2]  # the first run's outcome was discarded
+
+
+async def test_input_or_output_nested_too_deep_is_refused_not_a_crash(mb):
+    """Found by the fuzz test: input ~990 levels deep decoded at submit but not in the
+    runner, deeper in the stack, which crashed the task group."""
+    import msgspec
+
+    deep = msgspec.json.decode(b"[" * 300 + b"]" * 300)
+
+    @mb.handler("nest")
+    async def nest(item):
+        return [[[[[]]]]] if item.input == "shallow" else deep
+
+    with pytest.raises(minibatch.InvalidInput, match="nests deeper"):
+        await mb.submit("nest", [{"input": deep}])
+    async with mb:
+        batch = await mb.submit("nest", [{"input": "shallow"}, {"input": "x"}])
+        done = await mb.wait(batch.id, timeout=10)
+        results = [r async for r in mb.results(batch.id)]
+    assert done.status == "completed"
+    assert results[1].status == "failed" and results[1].error.code == "output_not_json"
+
+
+def test_too_deep_reads_strings_and_escapes():
+    from minibatch.models import too_deep
+
+    assert not too_deep(b'["' + b"[" * 500 + b'"]')
+    assert not too_deep(b'["\\"' + b"[" * 500 + b'"]')
+    assert too_deep(b"[" * 129 + b"]" * 129) and not too_deep(b"[" * 128 + b"]" * 128)
+    assert not too_deep(b"[" + b"[1]," * 1000 + b"[1]]")

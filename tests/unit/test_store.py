@@ -136,3 +136,39 @@ def test_settings_refuse_nan_and_infinite_numbers():
                 {"webhook_retry_schedule": "0,nan"}, {"webhook_retry_schedule": "inf"}):
         with pytest.raises(InvalidInput):
             make_settings(**bad)
+
+
+def test_manual_retry_keeps_automatic_attempts_and_refuses_one_in_flight(db_path):
+    """Found in review: a manual retry of a pending delivery dropped its remaining
+    automatic attempts, and one during an attempt in flight sent it twice."""
+    import pytest
+
+    from minibatch.delivery import AttemptRecord
+    from minibatch.errors import Conflict
+    from minibatch.models import WebhookIn
+
+    store = Store(db_path, webhook_schedule=(0.0, 60.0, 60.0))
+    batch_id = make_batch(store, n=1, webhook=WebhookIn(url="https://hooks.example/x"))
+    [c] = store.items_claim("k", 1, "o", T0, lease_s=30)
+    store.items_finish([Outcome(c.seq, c.batch_seq, c.token, "succeeded", b"1", None, 0.0)],
+                       "o", T0)
+    [row] = store.deliveries_claim(T0, 10, lease_s=20)
+    seq, msg_id = row[0], row[1]
+    with pytest.raises(Conflict):
+        store.delivery_redeliver(msg_id, None, T0 + 1)
+
+    def record(attempt: int, automatic: bool, at: float) -> None:
+        store.deliveries_record([AttemptRecord(seq, attempt, automatic, 500, "no", 5,
+                                               "HTTP 500", None, at, at + 60, "http_status",
+                                               False)])
+
+    record(1, True, T0 + 2)
+    manual = store.delivery_redeliver(msg_id, None, T0 + 3)
+    assert manual.status == "pending" and not manual.is_automatic
+    assert manual.max_attempts == 3  # the automatic attempts left are kept
+    [again] = store.deliveries_claim(T0 + 3, 10, lease_s=20)
+    assert again[8] == 0  # this attempt is the manual one
+    record(2, False, T0 + 4)
+    [d] = store.deliveries_of(batch_seq=store.batch_seq(batch_id, None))
+    assert d.status == "pending" and d.is_automatic and d.attempt_count == 2
+    assert [a.is_automatic for a in d.attempts] == [True, False]
