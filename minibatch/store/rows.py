@@ -85,8 +85,10 @@ def item_id(seq: int) -> str:
 def error_bytes(code: str, message: str) -> bytes:
     """An item error, capped; text that is not valid UTF-8 (lone surrogates from
     os.fsdecode, say) is replaced, so recording an error can never fail."""
-    text = message[:ERROR_MESSAGE_CAP].encode("utf-8", "replace").decode()
-    return encode(ItemError(code, text))
+    def utf8(text: object, cap: int) -> str:
+        return str(text)[:cap].encode("utf-8", "replace").decode()
+
+    return encode(ItemError(utf8(code, 100), utf8(message, ERROR_MESSAGE_CAP)))
 
 
 def sanitize_url(url: str) -> str:
