@@ -59,12 +59,15 @@ async def test_each_misbehaviour_is_a_failed_attempt_then_a_retry(db_path, actio
     mb.close()
     first, second = d.attempts
     assert d.status == "succeeded" and second.status_code == 200
-    assert first.error_message
     if reason == "http_status":
         assert first.status_code == 500 and len(first.response_body) == 1024
-    else:
-        assert first.status_code is None
-    assert {"timeout": first.response_time_ms >= 400}.get(reason, True)
+        assert first.error_message == "HTTP 500"
+    elif reason == "timeout":
+        assert first.status_code is None and first.response_time_ms >= 400
+        assert first.error_message.startswith("no response within")
+    else:  # connection_error: the client's own error, named
+        assert first.status_code is None and first.error_message
+        assert not first.error_message.startswith(("no response within", "HTTP "))
 
 
 async def test_memory_stays_flat_and_items_flow_while_receivers_misbehave(db_path):
