@@ -118,16 +118,18 @@ class DeliveryQueries(StoreBase):
             " failure_reason_code, failure_detail, d.created_at, d.completed_at"
             f" FROM deliveries d JOIN batches b ON b.seq=d.batch WHERE {where} ORDER BY d.seq",
             (arg,)).fetchall()
+        # All their attempts in one query, not one query per delivery.
+        attempts_of: dict[int, list[Attempt]] = {r[0]: [] for r in rows}
+        for a in self.conn.execute(
+                "SELECT delivery, attempt_number, status_code, response_body, response_time_ms,"
+                " error_message, is_automatic, created_at FROM attempts WHERE delivery IN"
+                f" (SELECT d.seq FROM deliveries d WHERE {where}) ORDER BY rowid", (arg,)):
+            attempts_of[a[0]].append(Attempt(
+                attempt_number=a[1], status_code=a[2], response_body=a[3],
+                response_time_ms=a[4], error_message=a[5], is_automatic=bool(a[6]),
+                created_at=to_datetime(a[7])))
         out = []
         for r in rows:
-            attempts = [
-                Attempt(attempt_number=a[0], status_code=a[1], response_body=a[2],
-                        response_time_ms=a[3], error_message=a[4], is_automatic=bool(a[5]),
-                        created_at=to_datetime(a[6]))
-                for a in self.conn.execute(
-                    "SELECT attempt_number, status_code, response_body, response_time_ms,"
-                    " error_message, is_automatic, created_at FROM attempts WHERE delivery=?"
-                    " ORDER BY rowid", (r[0],))]
             out.append(Delivery(
                 id=r[1], batch_id=r[2], event=r[3], url=sanitize_url(r[4]),
                 payload_bytes=r[5].decode(),
@@ -136,7 +138,7 @@ class DeliveryQueries(StoreBase):
                 next_attempt_at=to_datetime(r[11]) if r[6] == "pending" else None,
                 failure_reason_code=r[12], failure_detail=r[13],
                 created_at=to_datetime(r[14]), completed_at=to_datetime(r[15]),
-                attempts=attempts))
+                attempts=attempts_of[r[0]]))
         return out
 
     def deliveries_pending_count(self) -> int:
