@@ -17,10 +17,10 @@ import socket
 import time
 from collections.abc import Callable
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
+import yarl
 
 from . import signing
 from .config import Settings
@@ -61,6 +61,26 @@ def blocked_reason(address: str) -> str | None:
     return None
 
 
+def blocked_name(host: str) -> str | None:
+    """Why a host name (not an address) is refused: `localhost` and `*.localhost` (RFC
+    6761), in any case, with or without a trailing dot."""
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return f"{host} is a loopback name"
+    return None
+
+
+def guarded_socket(addr_info: tuple) -> socket.socket:
+    """The connector's socket factory: the last check before every connection, on the
+    exact address it is about to reach. aiohttp skips the resolver for IP literals, so
+    however a URL spells its host, the address is checked here."""
+    family, type_, proto, _, sockaddr = addr_info
+    reason = blocked_reason(sockaddr[0])
+    if reason:
+        raise BlockedDestination(f"refused destination: {reason}")
+    return socket.socket(family=family, type=type_, proto=proto)
+
+
 class GuardedResolver(aiohttp.abc.AbstractResolver):
     """Resolves a host and keeps only allowed addresses: aiohttp then connects to exactly
     those, so a second DNS answer cannot swap in a private address."""
@@ -69,7 +89,14 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
         self._inner = aiohttp.ThreadedResolver()
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
-        answers = await self._inner.resolve(host, port, family)
+        try:
+            answers = await self._inner.resolve(host, port, family)
+        except OSError:
+            # `localhost.` may not resolve here yet reach loopback elsewhere: refused, not
+            # a connection error, so the delivery is not retried for hours.
+            if reason := blocked_name(host):
+                raise BlockedDestination(f"refused destination: {reason}") from None
+            raise
         allowed = [a for a in answers if blocked_reason(a["host"]) is None]
         if not allowed:
             raise BlockedDestination(
@@ -79,6 +106,16 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def connector(limit: int, limit_per_host: int = 0, *, allow_private: bool
+              ) -> aiohttp.TCPConnector:
+    """A connector that refuses private destinations twice over: names by the resolver
+    (so only allowed addresses are tried), every address by the socket factory."""
+    if allow_private:
+        return aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host)
+    return aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host,
+                                resolver=GuardedResolver(), socket_factory=guarded_socket)
 
 
 class AttemptRecord(NamedTuple):
@@ -134,11 +171,10 @@ class Deliverer:
 
     async def run(self, task_group: anyio.abc.TaskGroup) -> None:
         s = self.settings
-        connector = aiohttp.TCPConnector(
-            limit=s.webhook_concurrency, limit_per_host=s.webhook_per_host,
-            resolver=None if s.allow_private_webhooks else GuardedResolver())
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=s.webhook_timeout_s),
+            connector=connector(s.webhook_concurrency, s.webhook_per_host,
+                                allow_private=s.allow_private_webhooks),
+            timeout=aiohttp.ClientTimeout(total=s.webhook_timeout_s),
             auto_decompress=False, skip_auto_headers=("User-Agent",))
         await task_group.start(self._hold_sends)
         task_group.start_soon(self.claimer)
@@ -284,17 +320,23 @@ async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 def literal_blocked(url: str) -> str | None:
-    """aiohttp skips the resolver for IP literals, and refuses numeric spellings such as
-    `2130706433` or `127.1` as URLs, so both are read here as a resolver would."""
-    host = urlsplit(url).hostname or ""
+    """Why the host of `url`, read as the HTTP client reads it, is refused; None if it is
+    a public address or a name (names are checked on what they resolve to).
+
+    yarl normalizes the host first (Unicode digits and dots, case, IDNA), so the check
+    sees the host aiohttp will connect to; numeric spellings such as `2130706433` or
+    `127.1`, which aiohttp refuses as URLs, are read as a resolver would. The connector's
+    socket factory checks again, whatever this misses."""
+    try:
+        host = (yarl.URL(url).host or "").rstrip(".")
+    except (ValueError, TypeError):
+        return None  # not a URL the client can send to either
     try:
         address = str(ipaddress.ip_address(host.split("%")[0]))
     except ValueError:
         try:  # inet_aton reads the classic spellings: 127.1, 0x7f000001, 0177.0.0.1, ...
             address = str(ipaddress.IPv4Address(socket.inet_aton(host)))
-        except OSError:
+        except (OSError, ValueError):
             return None
     reason = blocked_reason(address)
     return f"refused destination: {reason}" if reason else None
-
-

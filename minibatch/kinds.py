@@ -14,13 +14,7 @@ import aiohttp
 import anyio
 import msgspec
 
-from .delivery import (
-    BlockedDestination,
-    GuardedResolver,
-    literal_blocked,
-    read_capped,
-    retry_after_s,
-)
+from .delivery import BlockedDestination, connector, literal_blocked, read_capped, retry_after_s
 from .errors import Fail, Retry
 from .models import Item
 
@@ -92,11 +86,9 @@ class HttpKind:
 
     def _session(self) -> aiohttp.ClientSession:
         if self.session is None:
-            connector = aiohttp.TCPConnector(
-                limit=HTTP_CONCURRENCY,
-                resolver=None if self.allow_private else GuardedResolver())
             self.session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
+                connector=connector(HTTP_CONCURRENCY, allow_private=self.allow_private),
+                timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
         return self.session
 
     async def aclose(self) -> None:
