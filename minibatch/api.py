@@ -7,23 +7,21 @@ application/problem+json through `problem_response`.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, get_args
-from urllib.parse import urlsplit
 
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import metrics, models, openapi
 from .auth import Authenticator, Idempotency
-from .delivery import blocked_reason
+from .delivery import literal_blocked
 from .errors import (
     BadRequest,
     InvalidInput,
@@ -31,6 +29,7 @@ from .errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from .files import body_digest
 from .models import (
     Batch,
     BatchCreate,
@@ -39,13 +38,11 @@ from .models import (
     DeliveryList,
     FileObject,
     Health,
-    ItemLine,
     ItemPage,
     Problem,
     Result,
     RotateSecret,
     SecretRotated,
-    too_deep,
 )
 from .store import BatchRow, batch_struct, item_id
 
@@ -56,7 +53,6 @@ log = logging.getLogger("minibatch.api")
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 JSONL = "application/jsonl"
-MAX_LINE_ERRORS = 100
 _encode = models.encoder.encode
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 _BATCH_STATUSES = get_args(models.BatchStatus)
@@ -91,7 +87,8 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/batches/{batch_id}/cancel", "cancel_batch", "Cancel a batch",
              response=Batch),
     Endpoint("GET", "/v1/batches/{batch_id}/deliveries", "list_deliveries",
-             "Webhook deliveries of a batch, with attempts", response=DeliveryList),
+             "Webhook deliveries of a batch, oldest first, with attempts",
+             response=DeliveryList, query=("limit", "after")),
     Endpoint("POST", "/v1/deliveries/{delivery_id}/retry", "retry_delivery",
              "Send a delivery again (same bytes, same webhook-id)", 202, response=Delivery),
     Endpoint("POST", "/v1/webhook-secret/rotate", "rotate_secret",
@@ -113,7 +110,8 @@ def problem_response(exc: MinibatchError) -> Response:
     errors = [models.FieldError(**e) for e in exc.errors]
     body = Problem(type=exc.type, title=exc.title, status=exc.status, detail=exc.detail,
                    errors=errors)
-    return Response(_encode(body), status_code=exc.status, media_type=PROBLEM)
+    return Response(_encode(body), status_code=exc.status, media_type=PROBLEM,
+                    headers=exc.headers)
 
 
 def validation_error(exc: msgspec.ValidationError) -> InvalidInput:
@@ -135,50 +133,12 @@ def decode_json(body: bytes, type_: Any) -> Any:
         raise BadRequest("malformed JSON: nested too deeply") from None
 
 
-def parse_jsonl(data: bytes, errors: list[dict]) -> Iterator[tuple]:
-    """Validate each line, yielding (line, entry_id, input, metadata) for the good ones.
-
-    Bad lines are added to `errors` (numbered from 1); the caller refuses the file if any.
-    Blank lines are skipped but still counted.
-    """
-    seen: set[str] = set()
-    for number, raw in enumerate(io.BytesIO(data), start=1):
-        if not raw.strip():
-            continue
-        try:
-            raw.decode()  # msgspec keeps a Raw's bytes unchecked; stored input must be UTF-8
-            line = msgspec.json.decode(raw, type=ItemLine)
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError,
-                RecursionError) as exc:
-            message = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            errors.append({"line": number, "message": message})
-            continue
-        if line.entry_id is not None:
-            if line.entry_id in seen:
-                errors.append({"line": number,
-                               "message": f"duplicate entry_id {line.entry_id!r}"})
-                continue
-            seen.add(line.entry_id)
-        meta = None if line.metadata is None else _encode(line.metadata)
-        item = bytes(line.input)
-        if too_deep(item) or (meta is not None and too_deep(meta)):
-            errors.append({"line": number,
-                           "message": f"nested deeper than {models.MAX_NESTING} levels"})
-            continue
-        yield number, line.entry_id, item, meta
-
-
-def _checked_lines(data: bytes) -> Iterator[tuple]:
-    errors: list[dict] = []
-    yield from parse_jsonl(data, errors)
-    if errors:
-        raise InvalidInput(f"{len(errors)} bad line(s) in the file (the first"
-                           f" {min(len(errors), MAX_LINE_ERRORS)} are listed)",
-                           errors[:MAX_LINE_ERRORS])
-
-
 class Api:
-    """The route handlers, bound to one Minibatch."""
+    """The route handlers, bound to one Minibatch.
+
+    A route of an Endpoint with `auth` (the default) is called with the request's tenant,
+    found before the handler runs (`create_app`), so no handler can forget to ask.
+    """
 
     def __init__(self, mb: Minibatch) -> None:
         self.mb = mb
@@ -211,7 +171,8 @@ class Api:
         key = request.headers.get("idempotency-key")
         if key is None:
             return await create(None)
-        stored, body_hash = self.idempotency.check(tenant, key, body)
+        body_hash = await body_digest(body)
+        stored = self.idempotency.check(tenant, key, body_hash)
         if stored is not None:
             return Response(stored[2], status_code=stored[1], media_type=JSON,
                             headers={"idempotent-replayed": "true"})
@@ -222,7 +183,7 @@ class Api:
             self.idempotency.in_flight.discard((tenant, key))
 
     @staticmethod
-    def page_args(request: Request, statuses: tuple[str, ...]
+    def page_args(request: Request, statuses: tuple[str, ...] = ()
                   ) -> tuple[str | None, int, str | None]:
         q = request.query_params
         status = q.get("status")
@@ -237,39 +198,45 @@ class Api:
 
     # -- routes ----------
 
-    async def create_file(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def create_file(self, request: Request, tenant: str) -> Response:
         limit = self.mb.settings.max_file_bytes
         ctype = request.headers.get("content-type", "")
-        filename = None
         if ctype.startswith("multipart/form-data"):
-            data, filename = await self._multipart_file(request, limit)
+            data, filename, fields = await self._multipart_file(request, limit)
+            # The key covers the whole request, not only the file's bytes (the boundary
+            # is random per request, so the raw body cannot be compared).
+            signed = _encode([filename, sorted(fields.items())]) + b"\n" + data
         else:
-            data = await self.read_body(request, limit)
+            data, filename = await self.read_body(request, limit), None
+            signed = data
 
         async def create(idem: tuple | None) -> Response:
-            file = self.mb.create_file(tenant, filename, len(data), _checked_lines(data), idem)
+            file = await self.mb.create_file(data, filename=filename, tenant=tenant,
+                                             idempotency=idem)
             return json_response(file, 201)
 
-        return await self.idempotent(request, tenant, data, create)
+        return await self.idempotent(request, tenant, signed, create)
 
-    async def _multipart_file(self, request: Request, limit: int) -> tuple[bytes, str | None]:
+    async def _multipart_file(self, request: Request, limit: int
+                              ) -> tuple[bytes, str | None, dict[str, str]]:
+        """The `file` part's bytes and name, and the form's other fields."""
         _refuse_declared_over(request, limit)
         limited = Request(request.scope, _limited_receive(request.receive, limit))
         try:
             form = await limited.form(max_files=1, max_fields=10, max_part_size=1024 * 1024)
         except HTTPException as exc:  # Starlette's multipart parser refuses bad forms
             raise BadRequest(f"malformed multipart body: {exc.detail}") from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise InvalidInput("multipart body needs a file field named 'file'",
-                               [{"field": "file", "message": "missing"}])
-        data = await upload.read()
-        await form.close()
-        return data, upload.filename
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InvalidInput("multipart body needs a file field named 'file'",
+                                   [{"field": "file", "message": "missing"}])
+            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+            return await upload.read(), upload.filename, fields
+        finally:
+            await form.close()
 
-    async def create_batch(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def create_batch(self, request: Request, tenant: str) -> Response:
         body = await self.json_body(request)
         spec = decode_json(body, BatchCreate)
         if (spec.items is None) == (spec.input_file_id is None):
@@ -291,30 +258,22 @@ class Api:
     def _check_webhook_url(self, url: str) -> None:
         """A literal private address is refused up front (names resolve at send time);
         `submit` checks the scheme and host."""
-        try:
-            host = urlsplit(url).hostname
-            reason = None if self.mb.settings.allow_private_webhooks or not host else \
-                blocked_reason(host)
-        except ValueError:
-            return  # a name (checked when resolved), or a malformed URL submit refuses
+        reason = None if self.mb.settings.allow_private_webhooks else literal_blocked(url)
         if reason:
             raise InvalidInput(f"webhook.url is refused: {reason}",
                                [{"field": "webhook.url", "message": reason}])
 
-    async def list_batches(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def list_batches(self, request: Request, tenant: str) -> Response:
         status, limit, after = self.page_args(request, _BATCH_STATUSES)
         batches, more = self.mb.store.batches_list(tenant, status=status, limit=limit,
                                                    after=after)
         cursor = batches[-1].id if more else None
         return json_response(BatchPage(batches, more, cursor))
 
-    async def get_batch(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def get_batch(self, request: Request, tenant: str) -> Response:
         return json_response(await self.mb.get(request.path_params["batch_id"], tenant=tenant))
 
-    async def list_items(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def list_items(self, request: Request, tenant: str) -> Response:
         status, limit, after = self.page_args(request, _ITEM_STATUSES)
         index = -1 if after is None else _decimal(after)
         if index is None or index >= 2**62:
@@ -325,29 +284,26 @@ class Api:
         cursor = str(items[-1].index) if more else None
         return json_response(ItemPage(items, more, cursor))
 
-    async def results(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def results(self, request: Request, tenant: str) -> Response:
         pages = self.mb.result_pages(request.path_params["batch_id"], tenant=tenant)
         first = await anext(pages, None)  # a 404 is raised here, before streaming starts
         return StreamingResponse(_result_lines(first, pages), media_type=JSONL)
 
-    async def cancel_batch(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def cancel_batch(self, request: Request, tenant: str) -> Response:
         return json_response(await self.mb.cancel(request.path_params["batch_id"],
                                                   tenant=tenant))
 
-    async def list_deliveries(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
-        deliveries = await self.mb.deliveries(request.path_params["batch_id"], tenant=tenant)
-        return json_response(DeliveryList(deliveries))
+    async def list_deliveries(self, request: Request, tenant: str) -> Response:
+        _, limit, after = self.page_args(request)
+        seq = self.mb.store.batch_seq(request.path_params["batch_id"], tenant)
+        deliveries, more = self.mb.store.deliveries_page(seq, limit=limit, after=after)
+        return json_response(DeliveryList(deliveries, more, deliveries[-1].id if more else None))
 
-    async def retry_delivery(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def retry_delivery(self, request: Request, tenant: str) -> Response:
         delivery = await self.mb.redeliver(request.path_params["delivery_id"], tenant=tenant)
         return json_response(delivery, 202)
 
-    async def rotate_secret(self, request: Request) -> Response:
-        tenant = self.auth.tenant(request)
+    async def rotate_secret(self, request: Request, tenant: str) -> Response:
         body = await self.json_body(request)
         spec = decode_json(body or b"{}", RotateSecret)
         return json_response(self.mb.rotate_secret(tenant, spec.overlap_s))
@@ -389,8 +345,9 @@ async def _result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tupl
 
 
 def _decimal(text: str) -> int | None:
-    """An int from ASCII digits only (str.isdigit also accepts '³' and friends)."""
-    return int(text) if text.isascii() and text.isdigit() else None
+    """An int from at most 18 ASCII digits (str.isdigit also accepts '³' and friends;
+    Python refuses to read ints past 4,300 digits, and nothing here needs 19)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def _refuse_declared_over(request: Request, limit: int) -> None:
@@ -427,15 +384,35 @@ async def _problem_handler(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """A client that hung up mid-body: one log line; the response goes nowhere."""
+    log.info("client disconnected before sending the whole body of %s %s",
+             request.method, request.url.path)
+    return Response(status_code=400)
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error serving %s %s", request.method, request.url.path)
     return problem_response(MinibatchError("internal error; see the server log"))
 
 
+def _endpoint(api: Api, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    """The route's handler; unless the endpoint is public, called with the request's
+    tenant, so authentication is the default of every route."""
+    handler = getattr(api, endpoint.name)
+    if not endpoint.auth:
+        return handler
+
+    async def authenticated(request: Request) -> Response:
+        return await handler(request, api.auth.tenant(request))
+
+    return authenticated
+
+
 def create_app(mb: Minibatch) -> Starlette:
     api = Api(mb)
-    routes = [Route(e.path, getattr(api, e.name), methods=[e.method]) for e in ENDPOINTS]
+    routes = [Route(e.path, _endpoint(api, e), methods=[e.method]) for e in ENDPOINTS]
     return Starlette(routes=routes, exception_handlers={
         MinibatchError: _problem_handler, HTTPException: _problem_handler,
-        Exception: _server_error})
+        ClientDisconnect: _client_gone, Exception: _server_error})
 

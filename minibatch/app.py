@@ -19,6 +19,7 @@ from .auth import IDEMPOTENCY_WINDOW_S
 from .config import make_settings
 from .delivery import Deliverer
 from .errors import InvalidInput
+from .files import store_file
 from .handlers import Registry
 from .metrics import Histogram
 from .models import Batch, ItemError, Result
@@ -113,6 +114,7 @@ class Minibatch:
         nothing when the kind, an item, the webhook or a limit is bad."""
         handler = self.registry.require(kind)
         hook = _webhook(webhook)
+        _check_metadata(metadata)
         _check_limits(max_attempts=max_attempts, item_timeout_s=item_timeout_s,
                       concurrency=concurrency)
         row = self.store.batch_insert(
@@ -168,10 +170,12 @@ class Minibatch:
             after = rows[-1][0]
             await anyio.sleep(0)  # let other tasks in between pages
 
-    async def deliveries(self, batch_id: str, *, tenant: str | None = None
-                         ) -> list[models.Delivery]:
-        """The batch's webhook deliveries, oldest first, each with its attempts."""
-        return self.store.deliveries_of(batch_seq=self.store.batch_seq(batch_id, tenant))
+    async def deliveries(self, batch_id: str, *, limit: int = 100, after: str | None = None,
+                         tenant: str | None = None) -> list[models.Delivery]:
+        """A page of the batch's webhook deliveries, oldest first, each with its attempts;
+        `after` is the id of the last delivery of the previous page."""
+        seq = self.store.batch_seq(batch_id, tenant)
+        return self.store.deliveries_page(seq, limit=limit, after=after)[0]
 
     async def redeliver(self, delivery_id: str, *, tenant: str | None = None
                         ) -> models.Delivery:
@@ -180,7 +184,12 @@ class Minibatch:
 
     def rotate_secret(self, tenant: str = DEFAULT_TENANT, overlap_s: float = 86400.0
                       ) -> models.SecretRotated:
-        """A new primary signing secret; the previous one keeps signing for `overlap_s`."""
+        """A new primary signing secret; the previous one keeps signing for `overlap_s`
+        (at most 7 days), and any older one stops now."""
+        if not 0 <= overlap_s <= models.MAX_OVERLAP_S:
+            message = f"must be 0 to {models.MAX_OVERLAP_S:g} seconds"
+            raise InvalidInput(f"overlap_s {message}", [{"field": "overlap_s",
+                                                          "message": message}])
         secret, secret_id = signing.new_secret(), new_id("secret")
         previous, expires = self.store.secret_rotate(tenant, secret_id, secret, overlap_s,
                                                      self.now())
@@ -191,12 +200,12 @@ class Minibatch:
         active = self.store.secrets_active(tenant, self.now())
         return active[0][1] if active else self.rotate_secret(tenant, 0).webhook_secret
 
-    def create_file(self, tenant: str, filename: str | None, size: int,
-                    lines: Iterable[tuple], idempotency: tuple | None = None
-                    ) -> models.FileObject:
-        """Store a validated JSONL file: `lines` yields (line, entry_id, input, metadata)."""
-        return self.store.file_insert(tenant, filename, size, lines, self.now(),
-                                      idempotency=idempotency)
+    async def create_file(self, data: bytes, *, filename: str | None = None,
+                          tenant: str = DEFAULT_TENANT, idempotency: tuple | None = None
+                          ) -> models.FileObject:
+        """Validate and store a JSONL file of items (one item object per line), for
+        `submit(..., input_file_id=file.id)`. Raises InvalidInput naming every bad line."""
+        return await store_file(self.store, tenant, filename, data, self.now(), idempotency)
 
     def asgi(self) -> Any:
         """The Starlette app serving the HTTP API for this instance."""
@@ -224,6 +233,21 @@ def _webhook(webhook: dict | models.WebhookIn | None) -> models.WebhookIn | None
     if not ok:
         raise InvalidInput(f"webhook.url is {bad}", [{"field": "webhook.url", "message": bad}])
     return webhook
+
+
+def _check_metadata(metadata: Any) -> None:
+    """A batch's metadata: a JSON object the store can encode and decode again."""
+    if metadata is None:
+        return
+    problem = None if isinstance(metadata, dict) else "must be an object"
+    if problem is None:
+        try:
+            if models.too_deep(models.encoder.encode(metadata)):
+                problem = f"nests deeper than {models.MAX_NESTING} levels"
+        except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
+            problem = f"is not JSON-encodable: {exc}"
+    if problem is not None:
+        raise InvalidInput(f"metadata {problem}", [{"field": "metadata", "message": problem}])
 
 
 def _check_limits(**limits: float | None) -> None:

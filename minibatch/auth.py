@@ -46,9 +46,11 @@ class Authenticator:
 
     def tenant(self, request: Request) -> str:
         key = request.headers.get("x-api-key")
-        if key is None:
-            scheme, _, value = request.headers.get("authorization", "").partition(" ")
-            key = value.strip() if scheme.lower() == "bearer" else None
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        bearer = value.strip() if scheme.lower() == "bearer" else None
+        if key is not None and bearer is not None and key != bearer:
+            raise Unauthorized("Authorization and x-api-key name different keys")
+        key = key if key is not None else bearer
         if not key:
             raise Unauthorized("missing API key: send Authorization: Bearer <key> or x-api-key")
         digest = hash_key(key)
@@ -72,21 +74,21 @@ class Idempotency:
         self.store = store
         self.in_flight: set[tuple[str, str]] = set()
 
-    def check(self, tenant: str, key: str, body: bytes
-              ) -> tuple[tuple[bytes, int, bytes] | None, bytes]:
-        """Return ((body_hash, status, response) to replay, or None to go ahead; body_hash).
+    def check(self, tenant: str, key: str, body_hash: bytes
+              ) -> tuple[bytes, int, bytes] | None:
+        """The stored (body_hash, status, response) to replay, or None to go ahead.
 
-        The caller adds (tenant, key) to `in_flight` while it works, and removes it after.
+        `body_hash` is the SHA-256 of what the key covers. The caller adds (tenant, key)
+        to `in_flight` while it works, and removes it after.
         """
         if not key or len(key) > IDEMPOTENCY_KEY_MAX:
             raise InvalidInput("Idempotency-Key must be 1-255 characters",
                                [{"field": "Idempotency-Key", "message": "bad length"}])
         if (tenant, key) in self.in_flight:
             raise Conflict("a request with this Idempotency-Key is still in flight")
-        body_hash = hashlib.sha256(body).digest()
         stored = self.store.idempotency_get(tenant, key, time.time() - IDEMPOTENCY_WINDOW_S)
         if stored is not None and stored[0] != body_hash:
             raise InvalidInput(
                 "this Idempotency-Key was used with a different request body",
                 [{"field": "Idempotency-Key", "message": "reused with another body"}])
-        return stored, body_hash
+        return stored

@@ -44,15 +44,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # HTTP
     max_json_bytes: int = 10 * 1024 * 1024
     max_file_bytes: int = 100 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024  # request line and headers; 431 beyond
+    request_timeout_s: float = 30.0  # a request not arrived whole by then is dropped
+    max_connections: int = 1000  # open connections; 503 beyond
 
     def __post_init__(self) -> None:
         positive = ("lease_s", "claim_size", "poll_interval_s", "default_max_attempts",
                     "webhook_timeout_s", "webhook_concurrency", "webhook_per_host",
-                    "max_json_bytes", "max_file_bytes")
+                    "max_json_bytes", "max_file_bytes", "max_header_bytes",
+                    "request_timeout_s", "max_connections", "retry_base_s", "retry_cap_s")
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise InvalidInput(f"setting {name} must be a number > 0, got {value}")
+        if not (math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0):
+            raise InvalidInput("setting shutdown_grace_s must be a number >= 0,"
+                               f" got {self.shutdown_grace_s}")
+        if not 0 <= self.port <= 65535:
+            raise InvalidInput(f"setting port must be 0 to 65535, got {self.port}")
         schedule = self.webhook_retry_schedule
         if not schedule or not all(math.isfinite(s) and s >= 0 for s in schedule):
             raise InvalidInput("setting webhook_retry_schedule needs one or more finite"

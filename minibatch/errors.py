@@ -13,6 +13,7 @@ class MinibatchError(Exception):
 
     status = 500
     title = "Internal error"
+    headers: dict[str, str] = {}  # sent with the problem response
 
     def __init__(self, detail: str, errors: list[dict] | None = None) -> None:
         super().__init__(detail)
@@ -49,6 +50,7 @@ class Conflict(MinibatchError):
 class Unauthorized(MinibatchError):
     status = 401
     title = "Unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class PayloadTooLarge(MinibatchError):

@@ -109,7 +109,7 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
                                backoff(item.attempt, *backoff_s), now)
         try:
             output = models.encoder.encode(value)
-        except (TypeError, msgspec.EncodeError, RecursionError) as exc:
+        except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
             return _end(claimed, "failed", None,
                         error_bytes("output_not_json", f"handler returned {exc}"))
         if models.too_deep(output):

@@ -64,6 +64,10 @@ def too_deep(data: bytes, limit: int = MAX_NESTING) -> bool:
     return False
 
 
+MAX_URL_LENGTH = 2048  # a webhook URL; longer ones are refused (422)
+MAX_ENTRY_ID_LENGTH = 256  # a caller's entry_id
+EntryId = Annotated[str, Meta(max_length=MAX_ENTRY_ID_LENGTH)]
+
 # Upper bounds on a batch's own limits (also keeps them inside SQLite's 64-bit integers).
 LIMITS = {"max_attempts": 100, "concurrency": 100_000, "item_timeout_s": 7 * 86400.0}
 
@@ -226,20 +230,20 @@ class FileObject(Struct, kw_only=True):
 
 class ItemIn(Struct, forbid_unknown_fields=True):
     input: Any
-    entry_id: str | None = None
+    entry_id: EntryId | None = None
     metadata: dict[str, Any] | None = None
 
 
 class ItemLine(Struct, forbid_unknown_fields=True):
-    """One line of an uploaded JSONL file; `input` is kept as the bytes it arrived as."""
+    """One line of an uploaded JSONL file."""
 
-    input: msgspec.Raw
-    entry_id: str | None = None
+    input: Any
+    entry_id: EntryId | None = None
     metadata: dict[str, Any] | None = None
 
 
 class WebhookIn(Struct, forbid_unknown_fields=True):
-    url: str
+    url: Annotated[str, Meta(max_length=MAX_URL_LENGTH)]
     events: Annotated[list[EventType], Meta(min_length=1)] | None = None
 
 
@@ -254,7 +258,7 @@ class BatchCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     concurrency: Annotated[int, Meta(ge=1, le=LIMITS["concurrency"])] | None = None
 
 
-MAX_OVERLAP_S = 30 * 86400.0  # the longest an old signing secret keeps signing
+MAX_OVERLAP_S = 7 * 86400.0  # the longest an old signing secret keeps signing
 
 
 class RotateSecret(Struct, forbid_unknown_fields=True):
@@ -282,6 +286,8 @@ class ItemPage(Struct):
 
 class DeliveryList(Struct):
     data: list[Delivery]
+    has_more: bool
+    next_cursor: str | None
 
 
 class Health(Struct):

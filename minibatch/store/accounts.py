@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import apsw
@@ -41,41 +40,58 @@ class AccountQueries(StoreBase):
 
     def secret_rotate(self, tenant: str, secret_id: str, secret: str, overlap_s: float,
                       now: float) -> tuple[str | None, float | None]:
-        """Make a new primary; the previous one keeps signing for `overlap_s`."""
+        """Make a new primary; the previous one keeps signing for `overlap_s`, and any
+        older one still in its overlap stops now: at most two secrets ever sign, so
+        rotating in a loop cannot grow the signature header or the cost of signing."""
         with self._tx() as cur:
             active = self.secrets_active(tenant, now)
             previous = active[0][0] if active else None
             expires = now + overlap_s if previous else None
-            cur.execute("UPDATE secrets SET expires_at=? WHERE tenant=? AND"
-                        " (expires_at IS NULL OR expires_at > ?)", (expires, tenant, expires))
+            cur.execute("UPDATE secrets SET expires_at=? WHERE tenant=? AND id<>? AND"
+                        " (expires_at IS NULL OR expires_at > ?)", (now, tenant, previous, now))
+            cur.execute("UPDATE secrets SET expires_at=? WHERE id=?", (expires, previous))
             cur.execute("INSERT INTO secrets VALUES (?,?,?,?,NULL)", (secret_id, tenant, secret,
                                                                      now + 1e-6))
         return previous, expires
 
     # -- files and idempotency ----------
 
-    def file_insert(self, tenant: str, filename: str | None, size: int,
-                    lines: Iterable[tuple], now: float,
-                    idempotency: tuple[str, bytes, int, Any] | None = None) -> FileObject:
-        """Store a file's lines, (line, entry_id, input, metadata) each, in one transaction.
-
-        `lines` may raise InvalidInput part way (a bad line): nothing is then written.
-        """
+    def file_begin(self, tenant: str, filename: str | None, size: int, now: float) -> str:
+        """A new file row with no lines: invisible (no batch can use it) until finished."""
         file_id = new_id("file")
         with self._tx() as cur:
             cur.execute("INSERT INTO files VALUES (?,?,?,?,0,?)",
                         (file_id, tenant, filename, size, now))
+        return file_id
+
+    def file_lines_insert(self, file_id: str, lines: list[tuple]) -> None:
+        """Add (line, entry_id, input, metadata) rows to an unfinished file."""
+        with self._tx() as cur:
             cur.executemany("INSERT INTO file_lines VALUES (?,?,?,?,?)",
-                            ((file_id, *line) for line in lines))
+                            [(file_id, *line) for line in lines])
+
+    def file_finish(self, file_id: str,
+                    idempotency: tuple[str, bytes, int, Any] | None = None) -> FileObject:
+        """Count the file's lines, which makes it usable, and store its idempotency key in
+        the same transaction. An empty file is refused."""
+        with self._tx() as cur:
             count = self._one("SELECT count(*) FROM file_lines WHERE file=?", (file_id,))[0]
             if count == 0:
                 raise InvalidInput("the file has no items", [{"line": 1, "message": "empty"}])
             cur.execute("UPDATE files SET lines=? WHERE id=?", (count, file_id))
+            tenant, filename, size, created = self._one(
+                "SELECT tenant, filename, bytes, created_at FROM files WHERE id=?", (file_id,))
             file = FileObject(id=file_id, bytes=size, lines=count, filename=filename,
-                              created_at=to_datetime(now))
+                              created_at=to_datetime(created))
             if idempotency is not None:
-                self._idempotency_put(cur, tenant, idempotency, file, now)
+                self._idempotency_put(cur, tenant, idempotency, file, created)
         return file
+
+    def file_discard(self, file_id: str) -> None:
+        """Delete an unfinished file and the lines written so far."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM file_lines WHERE file=?", (file_id,))
+            cur.execute("DELETE FROM files WHERE id=? AND lines=0", (file_id,))
 
     def _idempotency_put(self, cur: apsw.Cursor, tenant: str,
                          idempotency: tuple[str, bytes, int, Any], created: Any,

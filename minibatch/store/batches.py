@@ -90,8 +90,8 @@ class BatchQueries(StoreBase):
             try:
                 encoded = encode(item.input)
                 meta = None if item.metadata is None else encode(item.metadata)
-            except (TypeError, msgspec.EncodeError, RecursionError) as exc:
-                raise InvalidInput(
+            except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
+                raise InvalidInput(  # ValueError: an int past 4,300 digits
                     f"item {index} is not JSON-encodable: {exc}",
                     [{"field": f"items[{index}].input", "message": str(exc)}]) from None
             if too_deep(encoded) or (meta is not None and too_deep(meta)):
@@ -115,7 +115,8 @@ class BatchQueries(StoreBase):
 
     def _items_from_file(self, cur: apsw.Cursor, seq: int, kind: str, tenant: str,
                          file_id: str, now: float) -> int:
-        if self._one("SELECT 1 FROM files WHERE id=? AND tenant=?", (file_id, tenant)) is None:
+        if self._one("SELECT 1 FROM files WHERE id=? AND tenant=? AND lines>0",
+                     (file_id, tenant)) is None:  # no lines: an upload not yet finished
             raise InvalidInput(f"no file {file_id!r}",
                                [{"field": "input_file_id", "message": "unknown file"}])
         cur.execute(

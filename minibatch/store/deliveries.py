@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import apsw
 
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, InvalidInput, NotFound
 from ..models import Attempt, Delivery, DeliverySummary, FailedWebhook, to_datetime
 from .base import StoreBase
 from .rows import (
@@ -105,41 +105,56 @@ class DeliveryQueries(StoreBase):
                     "UPDATE deliveries SET status='pending', is_automatic=0, next_attempt_at=?,"
                     " max_attempts=attempt_count+1, completed_at=NULL,"
                     " failure_reason_code=NULL, failure_detail=NULL WHERE seq=?", (now, seq))
-        return self.deliveries_of(seq=seq)[0]
+        return self.delivery_by_seq(seq)
 
-    def deliveries_of(self, *, batch_seq: int | None = None, seq: int | None = None
-                      ) -> list[Delivery]:
-        """Deliveries of a batch (oldest first) or one delivery, each with its attempts."""
-        where, arg = ("batch=?", batch_seq) if seq is None else ("d.seq=?", seq)
+    def deliveries_page(self, batch_seq: int, *, limit: int, after: str | None
+                        ) -> tuple[list[Delivery], bool]:
+        """Up to `limit` deliveries of a batch, oldest first, after the delivery whose id
+        is `after` (a cursor from the previous page); and whether more follow."""
+        start = 0
+        if after is not None:
+            row = self._one("SELECT seq FROM deliveries WHERE id=? AND batch=?",
+                            (after, batch_seq))
+            if row is None:
+                raise InvalidInput(f"unknown cursor {after!r}",
+                                   [{"field": "after", "message": "unknown cursor"}])
+            start = row[0]
+        rows = self._deliveries_where("d.batch=? AND d.seq>?", (batch_seq, start), limit + 1)
+        return rows[:limit], len(rows) > limit
+
+    def delivery_by_seq(self, seq: int) -> Delivery:
+        return self._deliveries_where("d.seq=?", (seq,), 1)[0]
+
+    def _deliveries_where(self, where: str, args: tuple, limit: int) -> list[Delivery]:
+        """Deliveries matching `where`, by seq, each with its attempts."""
         rows = self.conn.execute(
             "SELECT d.seq, d.id, b.id, event, url, payload,"
             " CASE d.status WHEN 'sending' THEN 'pending' ELSE d.status END, is_automatic,"
             " signing_secret_id, attempt_count, d.max_attempts, next_attempt_at,"
             " failure_reason_code, failure_detail, d.created_at, d.completed_at"
-            f" FROM deliveries d JOIN batches b ON b.seq=d.batch WHERE {where} ORDER BY d.seq",
-            (arg,)).fetchall()
+            f" FROM deliveries d JOIN batches b ON b.seq=d.batch WHERE {where}"
+            " ORDER BY d.seq LIMIT ?", (*args, limit)).fetchall()
         # All their attempts in one query, not one query per delivery.
         attempts_of: dict[int, list[Attempt]] = {r[0]: [] for r in rows}
-        for a in self.conn.execute(
-                "SELECT delivery, attempt_number, status_code, response_body, response_time_ms,"
-                " error_message, is_automatic, created_at FROM attempts WHERE delivery IN"
-                f" (SELECT d.seq FROM deliveries d WHERE {where}) ORDER BY rowid", (arg,)):
-            attempts_of[a[0]].append(Attempt(
-                attempt_number=a[1], status_code=a[2], response_body=a[3],
-                response_time_ms=a[4], error_message=a[5], is_automatic=bool(a[6]),
-                created_at=to_datetime(a[7])))
-        out = []
-        for r in rows:
-            out.append(Delivery(
-                id=r[1], batch_id=r[2], event=r[3], url=sanitize_url(r[4]),
-                payload_bytes=r[5].decode(),
-                status=r[6], is_automatic=bool(r[7]), signing_secret_id=r[8],
-                attempt_count=r[9], max_attempts=r[10],
-                next_attempt_at=to_datetime(r[11]) if r[6] == "pending" else None,
-                failure_reason_code=r[12], failure_detail=r[13],
-                created_at=to_datetime(r[14]), completed_at=to_datetime(r[15]),
-                attempts=attempts_of[r[0]]))
-        return out
+        if rows:
+            for a in self.conn.execute(
+                    "SELECT delivery, attempt_number, status_code, response_body,"
+                    " response_time_ms, error_message, is_automatic, created_at FROM attempts"
+                    f" WHERE delivery IN ({','.join('?' * len(rows))}) ORDER BY rowid",
+                    list(attempts_of)):
+                attempts_of[a[0]].append(Attempt(
+                    attempt_number=a[1], status_code=a[2], response_body=a[3],
+                    response_time_ms=a[4], error_message=a[5], is_automatic=bool(a[6]),
+                    created_at=to_datetime(a[7])))
+        return [Delivery(
+            id=r[1], batch_id=r[2], event=r[3], url=sanitize_url(r[4]),
+            payload_bytes=r[5].decode(),
+            status=r[6], is_automatic=bool(r[7]), signing_secret_id=r[8],
+            attempt_count=r[9], max_attempts=r[10],
+            next_attempt_at=to_datetime(r[11]) if r[6] == "pending" else None,
+            failure_reason_code=r[12], failure_detail=r[13],
+            created_at=to_datetime(r[14]), completed_at=to_datetime(r[15]),
+            attempts=attempts_of[r[0]]) for r in rows]
 
     def deliveries_pending_count(self) -> int:
         return self._one("SELECT count(*) FROM deliveries"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -26,18 +27,18 @@ def test_keys_are_stored_only_as_a_hash(db_path):
 def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
     store = Store(db_path)
     idem = Idempotency(store)
-    stored, body_hash = idem.check("t", "k", b"body")
-    assert stored is None
+    body_hash, other_hash = hashlib.sha256(b"body").digest(), hashlib.sha256(b"other").digest()
+    assert idem.check("t", "k", body_hash) is None
     with store._tx() as cur:
         store._idempotency_put(cur, "t", ("k", body_hash, 201, lambda _: b"first"), None, 1e12)
     store.close()
 
     reopened = Idempotency(Store(db_path))
-    replay, _ = reopened.check("t", "k", b"body")
+    replay = reopened.check("t", "k", body_hash)
     assert replay[1:] == (201, b"first")
     with pytest.raises(InvalidInput):
-        reopened.check("t", "k", b"other body")
-    assert reopened.check("other-tenant", "k", b"body")[0] is None
+        reopened.check("t", "k", other_hash)
+    assert reopened.check("other-tenant", "k", body_hash) is None
     reopened.in_flight.add(("t", "k2"))
     with pytest.raises(Conflict):
-        reopened.check("t", "k2", b"body")
+        reopened.check("t", "k2", body_hash)

@@ -103,7 +103,7 @@ def test_an_item_failed_by_lease_expiry_sends_its_item_failed_event(db_path):
         url="https://hooks.example/x", events=["item.failed", "batch.failed"]))
     store.items_claim("k", 10, "o", T0, lease_s=30)
     store.items_rescue(T0 + 31)
-    deliveries = store.deliveries_of(batch_seq=store.batch_seq(batch_id, None))
+    deliveries = store.deliveries_page(store.batch_seq(batch_id, None), limit=100, after=None)[0]
     assert [d.event for d in deliveries] == ["item.failed", "batch.failed"]
     assert '"lease_expired"' in deliveries[0].payload_bytes
 
@@ -169,6 +169,6 @@ def test_manual_retry_keeps_automatic_attempts_and_refuses_one_in_flight(db_path
     [again] = store.deliveries_claim(T0 + 3, 10, lease_s=20)
     assert again[8] == 0  # this attempt is the manual one
     record(2, False, T0 + 4)
-    [d] = store.deliveries_of(batch_seq=store.batch_seq(batch_id, None))
+    [d] = store.deliveries_page(store.batch_seq(batch_id, None), limit=100, after=None)[0]
     assert d.status == "pending" and d.is_automatic and d.attempt_count == 2
     assert [a.is_automatic for a in d.attempts] == [True, False]
