@@ -105,17 +105,26 @@ async def store_file(store: Store, tenant: str, filename: str | None, data: byte
         return None if lines is None else checker.check(lines)
 
     file_id = store.file_begin(tenant, filename, len(data), now)
+    written = 0
     try:
         while (good := await anyio.to_thread.run_sync(next_chunk)) is not None:
             if not checker.bad_lines:  # past the first bad line, only errors are gathered
                 store.file_lines_insert(file_id, good)
+                written += len(good)
         if checker.bad_lines:
             raise InvalidInput(
                 f"{checker.bad_lines} bad line(s) in the file (the first"
                 f" {len(checker.errors)} are listed)", checker.errors)
-        return store.file_finish(file_id, idempotency)
+        return store.file_finish(file_id, written, idempotency)
     except BaseException:
-        # Unfinished, the file is invisible anyway; a failed discard leaves only that.
-        with contextlib.suppress(MinibatchError):
-            store.file_discard(file_id)
+        with anyio.CancelScope(shield=True):
+            await discard(store, file_id)
         raise
+
+
+async def discard(store: Store, file_id: str) -> None:
+    """Delete an unfinished file a chunk at a time. Unfinished, it is invisible anyway:
+    a discard that fails (the disk is full) leaves only that behind."""
+    with contextlib.suppress(MinibatchError):
+        while store.file_discard(file_id, CHUNK_LINES):
+            await anyio.sleep(0)

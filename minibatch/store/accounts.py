@@ -70,28 +70,34 @@ class AccountQueries(StoreBase):
             cur.executemany("INSERT INTO file_lines VALUES (?,?,?,?,?)",
                             [(file_id, *line) for line in lines])
 
-    def file_finish(self, file_id: str,
+    def file_finish(self, file_id: str, lines: int,
                     idempotency: tuple[str, bytes, int, Any] | None = None) -> FileObject:
-        """Count the file's lines, which makes it usable, and store its idempotency key in
-        the same transaction. An empty file is refused."""
+        """Record the file's `lines` (written by `file_lines_insert`), which makes it
+        usable, and store its idempotency key in the same transaction. An empty file is
+        refused."""
+        if lines == 0:
+            raise InvalidInput("the file has no items", [{"line": 1, "message": "empty"}])
         with self._tx() as cur:
-            count = self._one("SELECT count(*) FROM file_lines WHERE file=?", (file_id,))[0]
-            if count == 0:
-                raise InvalidInput("the file has no items", [{"line": 1, "message": "empty"}])
-            cur.execute("UPDATE files SET lines=? WHERE id=?", (count, file_id))
+            cur.execute("UPDATE files SET lines=? WHERE id=?", (lines, file_id))
             tenant, filename, size, created = self._one(
                 "SELECT tenant, filename, bytes, created_at FROM files WHERE id=?", (file_id,))
-            file = FileObject(id=file_id, bytes=size, lines=count, filename=filename,
+            file = FileObject(id=file_id, bytes=size, lines=lines, filename=filename,
                               created_at=to_datetime(created))
             if idempotency is not None:
                 self._idempotency_put(cur, tenant, idempotency, file, created)
         return file
 
-    def file_discard(self, file_id: str) -> None:
-        """Delete an unfinished file and the lines written so far."""
+    def file_discard(self, file_id: str, chunk: int) -> bool:
+        """Delete up to `chunk` lines of an unfinished file, and the file once none are
+        left; True while lines remain (a transaction per chunk keeps each one short)."""
         with self._tx() as cur:
-            cur.execute("DELETE FROM file_lines WHERE file=?", (file_id,))
+            cur.execute("DELETE FROM file_lines WHERE file=?1 AND line IN"
+                        " (SELECT line FROM file_lines WHERE file=?1 LIMIT ?2)",
+                        (file_id, chunk))
+            if self.conn.changes() == chunk:
+                return True
             cur.execute("DELETE FROM files WHERE id=? AND lines=0", (file_id,))
+            return False
 
     def _idempotency_put(self, cur: apsw.Cursor, tenant: str,
                          idempotency: tuple[str, bytes, int, Any], created: Any,
