@@ -14,6 +14,10 @@ from .rows import (
     sanitize_url,
 )
 
+# The newest failed deliveries a batch object lists; all are counted in its summary and
+# paged in GET …/deliveries, so the batch object stays small however many item events fail.
+FAILED_WEBHOOKS_SHOWN = 20
+
 # 'sending' (an attempt in flight) is internal: the API shows such a delivery as pending.
 PUBLIC_STATUS = "CASE status WHEN 'sending' THEN 'pending' ELSE status END"
 
@@ -182,5 +186,6 @@ class DeliveryQueries(StoreBase):
                   for r in self.conn.execute(
                       "SELECT id, event, attempt_count, last_status_code,"
                       " coalesce(failure_detail, last_error), created_at FROM deliveries"
-                      " WHERE batch=? AND status='failed' ORDER BY seq", (batch_seq,))]
-        return summary, failed
+                      " WHERE batch=? AND status='failed' ORDER BY seq DESC LIMIT ?",
+                      (batch_seq, FAILED_WEBHOOKS_SHOWN))]
+        return summary, failed[::-1]

@@ -247,3 +247,23 @@ def test_every_setting_refuses_nan_and_infinity(db_path, setting):
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(InvalidInput, match=setting):
             minibatch.Minibatch(db_path, **{setting: bad})
+
+
+def test_a_batch_lists_only_its_newest_failed_webhooks(client, server):
+    """20k failing item events must not make every GET of the batch 20k entries long."""
+    from tests.receiver import Receiver
+
+    with Receiver(default=500) as rx:
+        batch = client.post("/v1/batches", json={
+            "kind": "echo", "items": [{"input": i} for i in range(60)],
+            "webhook": {"url": rx.url, "events": ["item.succeeded"]}}).json()
+        wait_terminal(client, batch["id"])
+        deadline = time.monotonic() + 30
+        while (got := client.get(f"/v1/batches/{batch['id']}").json())[
+                "deliveries"]["pending"]:
+            assert time.monotonic() < deadline, got["deliveries"]
+            time.sleep(0.05)
+    assert got["deliveries"]["failed"] == 60
+    shown = [w["delivery_id"] for w in got["failed_webhooks"]]
+    every = client.get(f"/v1/batches/{batch['id']}/deliveries").json()["data"]
+    assert shown == [d["id"] for d in every][-20:]
