@@ -9,7 +9,6 @@ calls one store method per pass. Each loop is a thin `while` around a `..._once(
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import secrets
@@ -20,13 +19,17 @@ import anyio
 
 from .config import Settings
 from .errors import StorageUnavailable
-from .handlers import Handler, Registry, cancelled_outcome, run_attempt
+from .handlers import Handler, Registry, backoff, cancelled_outcome, run_attempt
 from .metrics import Histogram
-from .store import Claimed, Outcome, Store
+from .store import Claimed, Outcome, Store, error_bytes
 
 log = logging.getLogger("minibatch.runner")
 STORAGE_RETRY_S = 1.0
 CHECKPOINT_INTERVAL_S = 0.5
+# After an unexpected error in one pass of a loop: long enough that a fault that repeats
+# on every pass logs a couple of lines a second rather than spinning, short enough that
+# one that does not repeat costs nobody much.
+LOOP_ERROR_PAUSE_S = 0.5
 
 
 class KindPool:
@@ -146,6 +149,9 @@ class Runner:
             except StorageUnavailable:
                 await anyio.sleep(STORAGE_RETRY_S)
                 continue
+            except Exception:
+                await self._pause_after_error(f"claimer of kind {pool.handler.kind!r}")
+                continue
             if claimed == 0 and pool.free > 0:
                 with anyio.move_on_after(self.settings.poll_interval_s):
                     await pool.wake.wait()
@@ -172,7 +178,10 @@ class Runner:
     async def worker(self, pool: KindPool) -> None:
         while True:
             while pool.ready:
-                await self._drain(pool)
+                try:
+                    await self._drain(pool)
+                except Exception:
+                    await self._pause_after_error(f"worker of kind {pool.handler.kind!r}")
             wake = anyio.Event()
             pool.idle.append(wake)
             await wake.wait()
@@ -189,25 +198,32 @@ class Runner:
         handler = pool.handler
         scope = anyio.CancelScope()
         current: Claimed | None = None
-        with scope:
-            while pool.ready and not scope.cancel_called:
-                current = pool.ready.popleft()
-                if pool.ready:
-                    pool.wake_one()
-                self.running[current.seq, current.token] = (current.batch_seq, scope)
-                if current.batch_seq in self.cancelled:
-                    scope.cancel()
-                outcome = await run_attempt(handler, current, current.timeout_s or
-                                            handler.timeout, self.now, self._backoff)
-                if scope.cancel_called and current.batch_seq in self.cancelled:
-                    outcome = cancelled_outcome(current)  # e.g. a sync handler's thread ended
-                self._finish(pool, current, outcome)
-                current = None
+        try:
+            with scope:
+                while pool.ready and not scope.cancel_called:
+                    current = pool.ready.popleft()
+                    if pool.ready:
+                        pool.wake_one()
+                    self.running[current.seq, current.token] = (current.batch_seq, scope)
+                    if current.batch_seq in self.cancelled:
+                        scope.cancel()
+                    outcome = await run_attempt(handler, current, current.timeout_s or
+                                                handler.timeout, self.now, self._backoff)
+                    if scope.cancel_called and current.batch_seq in self.cancelled:
+                        outcome = cancelled_outcome(current)  # e.g. a sync handler's thread
+                    self._finish(pool, current, outcome)
+                    current = None
+        except Exception as exc:
+            # A fault of the runner's own, not the handler's (run_attempt catches those):
+            # the item still needs an outcome, or this process would hold its lease (the
+            # heartbeat extends it, the rescuer skips it) for as long as it lives.
+            if current is not None and (current.seq, current.token) in self.running:
+                self._finish(pool, current, self._internal_error(current, exc))
+            raise
         if current is not None:  # its handler was interrupted by the batch's cancel
             self._finish(pool, current, cancelled_outcome(current))
 
     def _finish(self, pool: KindPool, claimed: Claimed, outcome: Outcome) -> None:
-        self.latency.observe(self.now() - claimed.claimed_at)
         del self.running[claimed.seq, claimed.token]
         pool.in_flight -= 1
         # Events are set only on the transitions their waiters wait for (a full pool gets
@@ -217,6 +233,26 @@ class Runner:
         self.outcomes.append(outcome)
         if len(self.outcomes) == 1:
             self.outcome_ready.set()
+        # Last, so that whatever fails here cannot leave the item without its outcome.
+        self.latency.observe(self.now() - claimed.claimed_at)
+
+    def _internal_error(self, claimed: Claimed, exc: Exception) -> Outcome:
+        """The outcome of an attempt the runner itself broke: a failed attempt, retried
+        after the usual backoff while attempts are left, as a handler's exception is."""
+        error = error_bytes("internal_error", f"minibatch failed while running this item:"
+                            f" {type(exc).__name__}: {exc}")
+        attempt = claimed.item.attempt
+        if attempt >= claimed.max_attempts:
+            return Outcome(claimed.seq, claimed.batch_seq, claimed.token, "failed", None,
+                           error, 0.0)
+        return Outcome(claimed.seq, claimed.batch_seq, claimed.token, "queued", None, error,
+                       self.now() + backoff(attempt, *self._backoff))
+
+    async def _pause_after_error(self, loop: str) -> None:
+        """Log the error being handled, with its traceback, and wait a moment: one bad
+        row or item must not stop a loop, nor the process with it."""
+        log.exception("%s: a pass failed; going on in %g s", loop, LOOP_ERROR_PAUSE_S)
+        await anyio.sleep(LOOP_ERROR_PAUSE_S)
 
     # -- completer, heartbeat, rescuer ----------
 
@@ -229,6 +265,9 @@ class Runner:
             except StorageUnavailable:
                 self.outcome_ready.set()  # outcomes are kept; try again shortly
                 await anyio.sleep(STORAGE_RETRY_S)
+            except Exception:
+                self.outcome_ready.set()  # outcomes are kept here too
+                await self._pause_after_error("completer")
 
     def complete_once(self) -> int:
         """Write every outcome gathered so far in one transaction."""
@@ -248,9 +287,12 @@ class Runner:
     async def heartbeat(self) -> None:
         while True:
             await anyio.sleep(self.settings.lease_s / 3)
-            # On a storage fault leases may lapse; the rescuer re-runs those items.
-            with contextlib.suppress(StorageUnavailable):
+            try:
                 self.heartbeat_once()
+            except StorageUnavailable:
+                pass  # leases may lapse; other processes' rescuers re-run those items
+            except Exception:
+                await self._pause_after_error("heartbeat")
 
     def heartbeat_once(self) -> None:
         """Extend this process's leases; interrupt items of batches cancelled elsewhere."""
@@ -262,9 +304,24 @@ class Runner:
     async def rescuer(self) -> None:
         while True:
             await anyio.sleep(max(self.settings.lease_s / 2, 0.05))
-            with contextlib.suppress(StorageUnavailable):  # the next pass rescues them
-                self.store.items_rescue(self.now())
+            try:
+                self.rescue_once()
+            except StorageUnavailable:
+                pass  # the next pass rescues them
+            except Exception:
+                await self._pause_after_error("rescuer")
 
+    def rescue_once(self) -> int:
+        """Put other processes' items whose lease expired back in the queue (or fail them).
+
+        This process's own leases are extended first and never rescued here: its items
+        are still running, since it lives. After the event loop stalled past the lease (a
+        long synchronous call), this pass may well run before the heartbeat's; rescuing
+        then would start a second run of an item whose first run is still going.
+        """
+        now = self.now()
+        self.store.leases_extend(self.owner, now + self.settings.lease_s)
+        return self.store.items_rescue(now, except_owner=self.owner)
 
     async def checkpointer(self) -> None:
         """Checkpoint the WAL in a worker thread, so no COMMIT on the loop does it:
@@ -273,8 +330,12 @@ class Runner:
         try:
             while True:
                 await anyio.sleep(CHECKPOINT_INTERVAL_S)
-                with contextlib.suppress(StorageUnavailable):  # the WAL just grows meanwhile
+                try:
                     await anyio.to_thread.run_sync(self.store.checkpoint)
+                except StorageUnavailable:
+                    pass  # the WAL just grows meanwhile
+                except Exception:
+                    await self._pause_after_error("checkpointer")
         finally:
             self.store.autocheckpoint(True)
 

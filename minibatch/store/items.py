@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets as pysecrets
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import apsw
 
@@ -12,6 +12,7 @@ from ..errors import InvalidInput
 from ..models import Event, Item, ItemRecord, to_datetime
 from .base import StoreBase
 from .rows import (
+    UNREADABLE,
     BatchRow,
     Claimed,
     Outcome,
@@ -23,53 +24,122 @@ from .rows import (
 )
 
 
+class DueBatch(NamedTuple):
+    """What a claim reads of a batch it may serve: its share, and what its items carry.
+    Fewer columns than a BatchRow, since this is read on every claim (28 -> 19 us)."""
+
+    seq: int
+    id: str
+    running: int
+    concurrency: int | None
+    max_attempts: int
+    item_timeout_s: float | None
+
+
 class ItemQueries(StoreBase):
     def items_claim(self, kind: str, limit: int, owner: str, now: float,
                     lease_s: float) -> list[Claimed]:
         """Claim up to `limit` due items of `kind`, each with a lease of `lease_s`.
 
-        A batch's own `concurrency` caps its running items: candidates beyond a batch's
-        free slots are left queued.
+        The claim is shared round-robin between the open batches of the kind that have
+        due items, the least recently served first, so one small batch is not stuck behind
+        a big one. A batch's own `concurrency` caps its running items: candidates beyond a
+        batch's free slots are left queued. An item whose stored input or metadata cannot
+        be decoded is not handed out: it ends `failed` (`bad_input`) in the same transaction.
         """
         with self._tx() as cur:
-            candidates = cur.execute(
-                "SELECT seq, batch FROM items WHERE status='queued' AND kind=? AND run_at<=?"
-                " AND batch NOT IN (SELECT seq FROM batches WHERE completed_at IS NULL"
-                " AND concurrency IS NOT NULL AND running >= concurrency)"
-                " ORDER BY run_at, seq LIMIT ?", (kind, now, limit)).fetchall()
-            if not candidates:
+            batches = self._batches_due(cur, kind, now, limit)
+            if not batches:
                 return []
-            batches = {seq: self._batch_row(seq) for seq in {b for _, b in candidates}}
-            room = {seq: (r.concurrency - r.running if r.concurrency else limit)
-                    for seq, r in batches.items()}
-            chosen = []
-            for seq, b in candidates:
-                if room[b] > 0:
-                    room[b] -= 1
-                    chosen.append(seq)
+            shares = self._shares(cur, batches, limit, now)
             # Owner and attempt number alone do not name a claim: a handed-back item is
             # claimed again with the same attempt number, maybe by the same owner.
             token = pysecrets.randbits(62)
+            chosen = [seq for seqs in shares.values() for seq in seqs]
             rows = cur.execute(
                 "UPDATE items SET status='running', attempts=attempts+1, lease_until=?,"
                 f" lease_owner=?, lease_token=? WHERE seq IN ({','.join('?' * len(chosen))})"
                 " RETURNING seq, batch, idx, entry_id, input, metadata, attempts",
                 (now + lease_s, owner, token, *chosen)).fetchall()
-            per_batch = Counter(r[1] for r in rows)
-            for b, n in per_batch.items():
-                cur.execute(
-                    "UPDATE batches SET queued=queued-?, running=running+?,"
-                    " status=CASE status WHEN 'queued' THEN 'running' ELSE status END,"
-                    " started_at=coalesce(started_at, ?) WHERE seq=?", (n, n, now, b))
-        claimed = []
-        for seq, b, idx, entry_id, inp, meta, attempts in rows:
-            batch = batches[b]
-            item = Item(id=item_id(seq), batch_id=batch.id, entry_id=entry_id, index=idx,
-                        input=decode(inp), metadata=None if meta is None else decode(meta),
-                        attempt=attempts)
-            claimed.append(Claimed(item, seq, b, batch.max_attempts, batch.item_timeout_s, now,
-                                   token))
+            self._batches_claimed(cur, kind, shares, now)
+            claimed, unreadable = _claims_of(rows, batches, now, token)
+            if unreadable:
+                self._fail_unreadable(cur, unreadable, now)
         return claimed
+
+    def _batches_due(self, cur: apsw.Cursor, kind: str, now: float,
+                     limit: int) -> list[DueBatch]:
+        """The open batches of `kind` with due items and a free slot, in the order they are
+        served: least recently served first (`claim_turn`; never served, NULL, first). At
+        most `limit` of them, since each one served takes an item at least."""
+        return [DueBatch(*r) for r in cur.execute(
+            "SELECT seq, id, running, concurrency, max_attempts, item_timeout_s"
+            " FROM batches WHERE kind=? AND completed_at IS NULL"
+            " AND (concurrency IS NULL OR running < concurrency)"
+            " AND EXISTS (SELECT 1 FROM items WHERE batch=batches.seq AND status='queued'"
+            " AND run_at<=?) ORDER BY claim_turn NULLS FIRST, seq LIMIT ?",
+            (kind, now, limit))]
+
+    @staticmethod
+    def _shares(cur: apsw.Cursor, batches: list[DueBatch], limit: int,
+                now: float) -> dict[int, list[int]]:
+        """Up to `limit` due item seqs, oldest first within a batch, shared between
+        `batches` in their order: batch seq -> its item seqs, for the batches served.
+
+        Each round offers every batch still in play an equal share of what is left; a
+        batch with fewer due items or free slots than its share leaves the round, and what
+        it did not take goes to the others in the next. Each round fills the claim or
+        drops a batch, so there are at most len(batches) + 1. With more batches than
+        `limit`, only the first `limit` get an item, one each.
+        """
+        room = {b.seq: limit if b.concurrency is None else b.concurrency - b.running
+                for b in batches}
+        taken: dict[int, list[int]] = {b.seq: [] for b in batches}
+        left, in_play = limit, list(taken)
+        while left and in_play:
+            share = max(1, left // len(in_play))
+            next_round = []
+            for b in in_play:
+                if not left:
+                    break
+                want = min(share, room[b] - len(taken[b]), left)
+                got = [r[0] for r in cur.execute(
+                    "SELECT seq FROM items WHERE batch=? AND status='queued' AND run_at<=?"
+                    " ORDER BY run_at, seq LIMIT ? OFFSET ?", (b, now, want, len(taken[b])))]
+                taken[b] += got
+                left -= len(got)
+                if len(got) == want and len(taken[b]) < room[b]:
+                    next_round.append(b)
+            in_play = next_round
+        return {b: seqs for b, seqs in taken.items() if seqs}
+
+    def _batches_claimed(self, cur: apsw.Cursor, kind: str, shares: dict[int, list[int]],
+                         now: float) -> None:
+        """Move the claimed items from queued to running in their batches' counters, and
+        give each batch served its turn: after every open batch of the kind, in the order
+        they were served, so the next claim starts with the batches this one left out."""
+        last = self._one("SELECT coalesce(max(claim_turn), 0) FROM batches"
+                         " WHERE kind=? AND completed_at IS NULL", (kind,))[0]
+        cur.executemany(
+            "UPDATE batches SET queued=queued-?1, running=running+?1,"
+            " status=CASE status WHEN 'queued' THEN 'running' ELSE status END,"
+            " started_at=coalesce(started_at, ?2), claim_turn=?3 WHERE seq=?4",
+            [(len(seqs), now, last + turn, b)
+             for turn, (b, seqs) in enumerate(shares.items(), start=1)])
+
+    def _fail_unreadable(self, cur: apsw.Cursor, unreadable: list[tuple[int, int, str]],
+                         now: float) -> None:
+        """End claimed items whose stored input or metadata cannot be decoded: `failed`
+        with `bad_input`, at once, since no attempt could read them either."""
+        deltas: dict[int, Counter] = {}
+        for b, seq, message in unreadable:
+            error = error_bytes("bad_input", message)
+            cur.execute("UPDATE items SET status='failed', error=?, lease_until=NULL"
+                        " WHERE seq=?", (error, seq))
+            deltas.setdefault(b, Counter())["failed"] += 1
+        # item events go before the batch's own terminal event
+        self._item_events(cur, [(b, seq) for b, seq, _ in unreadable], now)
+        self._apply_deltas(cur, deltas, now)
 
     def leases_extend(self, owner: str, until: float) -> int:
         with self._tx() as cur:
@@ -149,13 +219,18 @@ class ItemQueries(StoreBase):
                 self._delivery_insert(
                     cur, row, event, encode(Event(event, to_datetime(now), record)), now)
 
-    def items_rescue(self, now: float) -> int:
-        """Put items whose lease expired back in the queue, counting the attempt."""
+    def items_rescue(self, now: float, *, except_owner: str | None = None) -> int:
+        """Put items whose lease expired back in the queue, counting the attempt.
+
+        `except_owner`: an owner whose leases are never taken, expired or not: the
+        calling process itself, which knows its items are still running.
+        """
         with self._tx() as cur:
             rows = cur.execute(
                 "SELECT i.seq, i.batch, i.attempts, b.max_attempts FROM items i"
                 " JOIN batches b ON b.seq = i.batch"
-                " WHERE i.status='running' AND i.lease_until < ?", (now,)).fetchall()
+                " WHERE i.status='running' AND i.lease_until < ?1"
+                " AND (?2 IS NULL OR i.lease_owner IS NOT ?2)", (now, except_owner)).fetchall()
             deltas: dict[int, Counter] = {}
             lost = error_bytes("lease_expired", "the worker running this item stopped"
                                " (its lease expired)")
@@ -200,3 +275,39 @@ class ItemQueries(StoreBase):
             "SELECT idx, seq, entry_id, status, output, error, attempts FROM items"
             " WHERE batch=? AND idx>? AND status IN ('succeeded','failed','cancelled')"
             " ORDER BY idx LIMIT ?", (batch_seq, after, limit)).fetchall()
+
+
+def _claims_of(rows: list[tuple], batches: list[DueBatch], now: float,
+               token: int) -> tuple[list[Claimed], list[tuple[int, int, str]]]:
+    """The claimed rows as Claimed, and (batch seq, item seq, why) for those whose input
+    or metadata cannot be decoded.
+
+    In the order the UPDATE returned them: a claim is never larger than the kind's free
+    slots, so every item claimed starts at once, whatever its place in the list.
+    """
+    batch_of = {b.seq: b for b in batches}
+    claimed, unreadable = [], []
+    for seq, b, idx, entry_id, inp, meta, attempts in rows:
+        batch = batch_of[b]
+        try:  # inline, not a function per item: this loop is on every item's path
+            item = Item(id=item_id(seq), batch_id=batch.id, entry_id=entry_id, index=idx,
+                        input=decode(inp), metadata=None if meta is None else decode(meta),
+                        attempt=attempts)
+        except UNREADABLE:
+            unreadable.append((b, seq, _why_unreadable(inp, meta)))
+            continue
+        claimed.append(Claimed(item, seq, b, batch.max_attempts, batch.item_timeout_s, now,
+                               token))
+    return claimed, unreadable
+
+
+def _why_unreadable(inp: bytes, meta: bytes | None) -> str:
+    """Which stored field of an item cannot be decoded, and msgspec's reason."""
+    for field, raw in (("input", inp), ("metadata", meta)):
+        try:
+            if raw is not None:
+                decode(raw)
+        except UNREADABLE as exc:
+            return (f"the stored {field} of this item cannot be decoded"
+                    f" ({type(exc).__name__}: {exc})")
+    return "the stored input or metadata of this item cannot be decoded"

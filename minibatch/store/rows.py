@@ -21,6 +21,12 @@ BATCH_COLS = (
 )
 decode = msgspec.json.decode
 encode = models.encoder.encode
+# What decoding a stored value may raise when the row holds something msgspec refuses:
+# a number out of range (`1e400`, an integer over 4,300 digits: a ValidationError, which
+# is a DecodeError), bytes that are not JSON, nesting too deep for it, or a column holding
+# an SQL integer or real instead of JSON bytes (TypeError). Rows written by other means,
+# or before the API refused such input, can hold any of these.
+UNREADABLE = (msgspec.DecodeError, RecursionError, TypeError)
 
 
 class BatchRow(NamedTuple):
@@ -116,12 +122,38 @@ def as_item_in(raw: Any, index: int) -> models.ItemIn:
 
 
 def item_record_of(row: tuple, batch_id: str) -> ItemRecord:
+    """An items row as the public item object; never raises on what the row holds.
+
+    A stored input, output or metadata that cannot be decoded is shown as its raw text, a
+    JSON string (e.g. `"1e400"`), and an unreadable error as the `unreadable_error` code
+    with the raw text as its message, so the items page and item events still answer.
+    """
     seq, idx, entry_id, status, inp, out, err, attempts, meta = row
     return ItemRecord(
         id=item_id(seq), batch_id=batch_id, entry_id=entry_id, index=idx, status=status,
-        input=decode(inp), output=None if out is None else decode(out),
-        error=None if err is None else decode(err, type=ItemError), attempts=attempts,
-        metadata=None if meta is None else decode(meta))
+        input=readable(inp), output=None if out is None else readable(out),
+        error=None if err is None else readable_error(err), attempts=attempts,
+        metadata=None if meta is None else readable(meta))
+
+
+def readable(raw: Any) -> Any:
+    """A stored JSON value decoded, or its raw text when msgspec refuses it."""
+    try:
+        return decode(raw)
+    except UNREADABLE:
+        return raw_text(raw)
+
+
+def readable_error(raw: Any) -> ItemError:
+    try:
+        return decode(raw, type=ItemError)
+    except UNREADABLE:
+        return ItemError("unreadable_error", raw_text(raw))
+
+
+def raw_text(raw: Any) -> str:
+    """A stored value as text that cannot fail: bytes that are not UTF-8 are replaced."""
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
 def batch_struct(row: BatchRow) -> Batch:

@@ -122,4 +122,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX deliveries_due ON deliveries(next_attempt_at)
         WHERE status IN ('pending', 'sending');
     """,
+    # 5: fair claims. A claim goes round the open batches of a kind, so due items are
+    # looked up per batch (`items_due` replaces the per-kind `items_queued`, so a queued
+    # item still costs one index entry), and `claim_turn` orders the batches: the least
+    # recently served goes first, a batch never served (NULL) before any other.
+    """
+    DROP INDEX items_queued;
+    CREATE INDEX items_due ON items(batch, run_at) WHERE status = 'queued';
+    ALTER TABLE batches ADD COLUMN claim_turn INTEGER;
+    """,
 ]

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (the confusable Unicode spellings are what this file tests)
 """The destination guard against every spelling a URL parser turns into a refused address.
 
 A loopback listener stands where each spelling leads: it must see no connection at all,
