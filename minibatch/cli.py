@@ -73,6 +73,8 @@ async def serve_until_signalled(mb: Any, host: str, port: int, *, quiet: bool = 
     import anyio
     import uvicorn
 
+    from .server import server_config
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -86,9 +88,7 @@ async def serve_until_signalled(mb: Any, host: str, port: int, *, quiet: bool = 
                 server.should_exit = True
                 return
 
-    server = Server(uvicorn.Config(mb.asgi(), host=host, port=port, access_log=False,
-                                   log_level="warning" if quiet else "info", lifespan="off",
-                                   http="httptools"))
+    server = Server(server_config(mb, host, port, log_level="warning" if quiet else "info"))
     async with mb, anyio.create_task_group() as tg:
         tg.start_soon(stop_on_signal, server)
         await server.serve()
@@ -156,7 +156,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if not store.tenant_exists(args.tenant):
                 raise CliError(f"no tenant {args.tenant!r} (create it with keys create)")
             if not 0 <= args.overlap <= MAX_OVERLAP_S:
-                raise CliError(f"--overlap must be 0 to {MAX_OVERLAP_S:g} seconds (30 days)")
+                raise CliError(f"--overlap must be 0 to {MAX_OVERLAP_S:g} seconds (7 days)")
             secret_id, secret = new_id("secret"), new_secret()
             store.secret_rotate(args.tenant, secret_id, secret, args.overlap, time.time())
             out = {"tenant": args.tenant, "webhook_secret": secret, "secret_id": secret_id}

@@ -26,7 +26,8 @@ def mb(db_path):
 
 class ServerThread:
     """A real uvicorn server for one Minibatch, on 127.0.0.1 and a free port, run in a
-    thread with its own event loop, so tests talk to it over real HTTP."""
+    thread with its own event loop, so tests talk to it over real HTTP, behind the same
+    limits as `minibatch serve` (`minibatch.server`)."""
 
     def __init__(self, db_path: str, **options) -> None:
         import threading
@@ -47,9 +48,10 @@ class ServerThread:
         import anyio
         import uvicorn
 
+        from minibatch.server import server_config
+
         async def main() -> None:
-            config = uvicorn.Config(self.mb.asgi(), host="127.0.0.1", port=self.port,
-                                    lifespan="off", log_level="warning", access_log=False)
+            config = server_config(self.mb, "127.0.0.1", self.port, log_level="warning")
             self.server = uvicorn.Server(config)
             async with self.mb:
                 await self.server.serve()
