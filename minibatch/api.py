@@ -40,7 +40,6 @@ from .models import (
     Health,
     ItemPage,
     Problem,
-    Result,
     RotateSecret,
     SecretRotated,
 )
@@ -330,16 +329,28 @@ def _encode_created(created: Any) -> bytes:
     return _encode(created)
 
 
+class _ResultLine(msgspec.Struct, kw_only=True):
+    """A `Result` as it is streamed: output and error are the stored JSON bytes, passed
+    through undecoded (same fields, same order, same encoding)."""
+
+    id: str
+    entry_id: str | None
+    status: str
+    output: msgspec.Raw | None
+    error: msgspec.Raw | None
+    attempts: int
+
+
 async def _result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tuple]]
                         ) -> AsyncIterator[bytes]:
     """JSONL lines; output and error are stored JSON and are passed through as Raw."""
     page = first
     while page:
         yield b"".join(
-            _encode(Result(id=item_id(seq), entry_id=entry_id, status=status,
-                           output=None if out is None else msgspec.Raw(out),
-                           error=None if err is None else msgspec.Raw(err),
-                           attempts=attempts)) + b"\n"
+            _encode(_ResultLine(id=item_id(seq), entry_id=entry_id, status=status,
+                                output=None if out is None else msgspec.Raw(out),
+                                error=None if err is None else msgspec.Raw(err),
+                                attempts=attempts)) + b"\n"
             for _, seq, entry_id, status, out, err, attempts in page)
         page = await anext(rest, None)
 

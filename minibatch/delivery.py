@@ -25,6 +25,7 @@ import yarl
 from . import signing
 from .config import Settings
 from .errors import StorageUnavailable
+from .runner import pause_after_error
 from .store import Store
 
 log = logging.getLogger("minibatch.delivery")
@@ -88,7 +89,8 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
     def __init__(self) -> None:
         self._inner = aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list:
         try:
             answers = await self._inner.resolve(host, port, family)
         except OSError:
@@ -206,6 +208,9 @@ class Deliverer:
             except StorageUnavailable:
                 await anyio.sleep(1.0)
                 continue
+            except Exception:
+                await pause_after_error(log, "webhook claimer")
+                continue
             if self.in_flight >= self.settings.webhook_concurrency:
                 await self.slot_free.wait()
                 self.slot_free = anyio.Event()
@@ -283,6 +288,9 @@ class Deliverer:
                 "timeout"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return None, None, None, f"{type(exc).__name__}: {exc}"[:500], "connection_error"
+        except Exception as exc:  # an attempt's surprise is that attempt's failure, no more
+            log.exception("sending delivery %s failed unexpectedly", msg_id)
+            return None, None, None, f"{type(exc).__name__}: {exc}"[:500], "connection_error"
 
     # -- recorder ----------
 
@@ -295,6 +303,9 @@ class Deliverer:
             except StorageUnavailable:
                 self.record_ready.set()
                 await anyio.sleep(1.0)
+            except Exception:
+                self.record_ready.set()
+                await pause_after_error(log, "attempt recorder")
 
     def _flush(self) -> None:
         if self.records:

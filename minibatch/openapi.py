@@ -20,7 +20,7 @@ ERRORS = {400: "Malformed request", 401: "Missing or unknown API key",
 
 
 def _schema_of(endpoints: Iterable[Any]) -> tuple[dict[type, dict], dict[str, Any]]:
-    types = {Problem}
+    types: set[type] = {Problem}
     for e in endpoints:
         types |= {t for t in (e.body, e.response) if isinstance(t, type)}
     ordered = sorted(types, key=lambda t: t.__name__)

@@ -249,10 +249,7 @@ class Runner:
                        self.now() + backoff(attempt, *self._backoff))
 
     async def _pause_after_error(self, loop: str) -> None:
-        """Log the error being handled, with its traceback, and wait a moment: one bad
-        row or item must not stop a loop, nor the process with it."""
-        log.exception("%s: a pass failed; going on in %g s", loop, LOOP_ERROR_PAUSE_S)
-        await anyio.sleep(LOOP_ERROR_PAUSE_S)
+        await pause_after_error(log, loop)
 
     # -- completer, heartbeat, rescuer ----------
 
@@ -338,6 +335,13 @@ class Runner:
                     await self._pause_after_error("checkpointer")
         finally:
             self.store.autocheckpoint(True)
+
+
+async def pause_after_error(logger: logging.Logger, loop: str) -> None:
+    """Log the error being handled, with its traceback, and wait a moment: one bad row,
+    item or delivery must not stop a loop, nor the process with it."""
+    logger.exception("%s: a pass failed; going on in %g s", loop, LOOP_ERROR_PAUSE_S)
+    await anyio.sleep(LOOP_ERROR_PAUSE_S)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -34,9 +34,9 @@ class AccountQueries(StoreBase):
 
     def secrets_active(self, tenant: str, now: float) -> list[tuple[str, str]]:
         """(id, secret) pairs that sign now, the primary (newest) first."""
-        return self.conn.execute(
+        return self._all(
             "SELECT id, secret FROM secrets WHERE tenant=? AND (expires_at IS NULL OR"
-            " expires_at > ?) ORDER BY created_at DESC, rowid DESC", (tenant, now)).fetchall()
+            " expires_at > ?) ORDER BY created_at DESC, rowid DESC", (tenant, now))
 
     def secret_rotate(self, tenant: str, secret_id: str, secret: str, overlap_s: float,
                       now: float) -> tuple[str | None, float | None]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
 from ..errors import StorageUnavailable
 from .schema import MIGRATIONS
+
+if TYPE_CHECKING:
+    from ..models import DeliverySummary, FailedWebhook
+    from .rows import BatchRow
 
 _STORAGE_FAULTS = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError,
                    apsw.BusyError)
@@ -85,6 +89,25 @@ class StoreBase:
         for row in self.conn.execute(sql, args):
             return row
         return None
+
+    def _all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        """Every row of a read; typed Any, as columns hold what the schema says."""
+        return self.conn.execute(sql, tuple(args)).fetchall()
+
+    if TYPE_CHECKING:
+        # What one noun's queries call of another's, within the caller's transaction;
+        # `Store` combines the files that define them.
+        def _batch_row(self, seq: int) -> BatchRow: ...
+        def _batch_row_by_id(self, batch_id: str, tenant: str | None) -> BatchRow: ...
+        def _batch_finish_if_done(self, cur: apsw.Cursor, seq: int, now: float) -> None: ...
+        def _cancel_queued(self, cur: apsw.Cursor, batch_seq: int, now: float) -> None: ...
+        def _delivery_insert(self, cur: apsw.Cursor, row: BatchRow, event: str,
+                             payload: bytes, now: float) -> None: ...
+        def _delivery_summary(self, batch_seq: int
+                              ) -> tuple[DeliverySummary, list[FailedWebhook]]: ...
+        def _idempotency_put(self, cur: apsw.Cursor, tenant: str,
+                             idempotency: tuple[str, bytes, int, Any], created: Any,
+                             now: float) -> None: ...
 
     def schema_version(self) -> int:
         return self._one("PRAGMA user_version")[0]

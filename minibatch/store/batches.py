@@ -166,9 +166,9 @@ class BatchQueries(StoreBase):
                                    [{"field": "after", "message": "unknown cursor"}])
             where.append("seq<?")
             args.append(row[0])
-        rows = self.conn.execute(
+        rows = self._all(
             f"SELECT {BATCH_COLS} FROM batches WHERE {' AND '.join(where)}"
-            " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
+            " ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
         batches = [self._batch_with_deliveries(BatchRow(*r)) for r in rows[:limit]]
         return batches, len(rows) > limit
 
@@ -198,7 +198,7 @@ class BatchQueries(StoreBase):
         """Fail the queued items of open batches whose kind has no handler here."""
         known = list(kinds)
         with self._tx() as cur:
-            rows = cur.execute(
+            rows: list[Any] = cur.execute(
                 "SELECT seq, id, kind FROM batches WHERE completed_at IS NULL"
                 f" AND kind NOT IN ({','.join('?' * len(known))})", known).fetchall()
             for seq, _, kind in rows:

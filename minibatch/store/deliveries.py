@@ -131,17 +131,17 @@ class DeliveryQueries(StoreBase):
 
     def _deliveries_where(self, where: str, args: tuple, limit: int) -> list[Delivery]:
         """Deliveries matching `where`, by seq, each with its attempts."""
-        rows = self.conn.execute(
+        rows = self._all(
             "SELECT d.seq, d.id, b.id, event, url, payload,"
             " CASE d.status WHEN 'sending' THEN 'pending' ELSE d.status END, is_automatic,"
             " signing_secret_id, attempt_count, d.max_attempts, next_attempt_at,"
             " failure_reason_code, failure_detail, d.created_at, d.completed_at"
             f" FROM deliveries d JOIN batches b ON b.seq=d.batch WHERE {where}"
-            " ORDER BY d.seq LIMIT ?", (*args, limit)).fetchall()
+            " ORDER BY d.seq LIMIT ?", (*args, limit))
         # All their attempts in one query, not one query per delivery.
         attempts_of: dict[int, list[Attempt]] = {r[0]: [] for r in rows}
         if rows:
-            for a in self.conn.execute(
+            for a in self._all(
                     "SELECT delivery, attempt_number, status_code, response_body,"
                     " response_time_ms, error_message, is_automatic, created_at FROM attempts"
                     f" WHERE delivery IN ({','.join('?' * len(rows))}) ORDER BY rowid",

@@ -267,3 +267,39 @@ def test_a_batch_lists_only_its_newest_failed_webhooks(client, server):
     shown = [w["delivery_id"] for w in got["failed_webhooks"]]
     every = client.get(f"/v1/batches/{batch['id']}/deliveries").json()["data"]
     assert shown == [d["id"] for d in every][-20:]
+
+
+@pytest.mark.anyio
+async def test_the_webhook_loops_survive_an_unexpected_error(db_path, monkeypatch):
+    """One failing pass of the deliverer's claimer, or of the recorder, is logged and the
+    next pass goes on: the webhook is still delivered and recorded."""
+    import anyio
+
+    from tests.receiver import Receiver
+
+    mb = minibatch.Minibatch(db_path, allow_private_webhooks=True, poll_interval_s=0.02,
+                             webhook_retry_schedule="0")
+
+    @mb.handler("echo")
+    async def echo(item):
+        return item.input
+
+    for method in ("deliveries_claim", "deliveries_record"):
+        real = getattr(mb.store, method)
+        calls = {"n": 0}
+
+        def once(*args, _real=real, _calls=calls, **kwargs):
+            _calls["n"] += 1
+            if _calls["n"] == 1:
+                raise RuntimeError("a surprise")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mb.store, method, once)
+    with Receiver() as rx:
+        async with mb:
+            batch = await mb.submit("echo", [{"input": 1}], webhook={"url": rx.url})
+            with anyio.fail_after(30):
+                while not (ds := await mb.deliveries(batch.id)) or ds[0].status != "succeeded":
+                    await anyio.sleep(0.02)
+    mb.close()
+    assert len(rx.requests) >= 1 and ds[0].attempts[-1].status_code == 200
