@@ -13,7 +13,7 @@ A terminal state never changes again.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -72,6 +72,10 @@ EntryId = Annotated[str, Meta(max_length=MAX_ENTRY_ID_LENGTH)]
 LIMITS = {"max_attempts": 100, "concurrency": 100_000, "item_timeout_s": 7 * 86400.0}
 
 
+@overload
+def to_datetime(ts: float) -> datetime: ...
+@overload
+def to_datetime(ts: float | None) -> datetime | None: ...
 def to_datetime(ts: float | None) -> datetime | None:
     """Unix seconds as stored -> an aware UTC datetime (encoded as RFC 3339 `…Z`)."""
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
@@ -166,6 +170,8 @@ class ItemRecord(Struct, kw_only=True):
     error: ItemError | None = None
     attempts: int
     metadata: dict[str, Any] | None = None
+    # When a retry waits: the time its next attempt is due; null otherwise.
+    next_attempt_at: datetime | None = None
 
 
 class Result(Struct, kw_only=True):

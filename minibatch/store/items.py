@@ -250,7 +250,7 @@ class ItemQueries(StoreBase):
 
     def item_record(self, seq: int, batch_id: str) -> ItemRecord:
         row = self._one("SELECT seq, idx, entry_id, status, input, output, error, attempts,"
-                        " metadata FROM items WHERE seq=?", (seq,))
+                        " metadata, run_at FROM items WHERE seq=?", (seq,))
         return item_record_of(row, batch_id)
 
     def items_page(self, batch_id: str, tenant: str | None, *, status: str | None,
@@ -260,8 +260,8 @@ class ItemQueries(StoreBase):
         if not -1 <= after < row.total:
             raise InvalidInput(f"unknown cursor {after!r}",
                                [{"field": "after", "message": "unknown cursor"}])
-        sql = ("SELECT seq, idx, entry_id, status, input, output, error, attempts, metadata"
-               " FROM items WHERE batch=? AND idx>?")
+        sql = ("SELECT seq, idx, entry_id, status, input, output, error, attempts, metadata,"
+               " run_at FROM items WHERE batch=? AND idx>?")
         args: list[Any] = [row.seq, after]
         if status is not None:
             sql += " AND status=?"

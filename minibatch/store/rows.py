@@ -127,13 +127,17 @@ def item_record_of(row: tuple, batch_id: str) -> ItemRecord:
     A stored input, output or metadata that cannot be decoded is shown as its raw text, a
     JSON string (e.g. `"1e400"`), and an unreadable error as the `unreadable_error` code
     with the raw text as its message, so the items page and item events still answer.
+    `next_attempt_at` is the `run_at` of a queued item that has been tried (a retry
+    waiting), and null for one never tried or no longer queued.
     """
-    seq, idx, entry_id, status, inp, out, err, attempts, meta = row
+    seq, idx, entry_id, status, inp, out, err, attempts, meta, run_at = row
+    retrying = status == "queued" and attempts > 0
     return ItemRecord(
         id=item_id(seq), batch_id=batch_id, entry_id=entry_id, index=idx, status=status,
         input=readable(inp), output=None if out is None else readable(out),
         error=None if err is None else readable_error(err), attempts=attempts,
-        metadata=None if meta is None else readable(meta))
+        metadata=None if meta is None else readable(meta),
+        next_attempt_at=to_datetime(run_at) if retrying else None)
 
 
 def readable(raw: Any) -> Any:
