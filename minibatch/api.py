@@ -164,22 +164,28 @@ class Api:
             raise UnsupportedMediaType(f"send {JSON}, not {ctype}")
         return await self.read_body(request, self.mb.settings.max_json_bytes)
 
-    async def idempotent(self, request: Request, tenant: str, body: bytes,
-                         create: Callable[[tuple | None], Awaitable[Response]]) -> Response:
-        """Run `create` under the request's Idempotency-Key, if it has one."""
+    async def idempotent(self, request: Request, tenant: str,
+                         read: Callable[[], Awaitable[tuple[bytes, Any]]],
+                         create: Callable[[tuple | None, Any], Awaitable[Response]]
+                         ) -> Response:
+        """`read` the request, then `create` what it asks for, under the request's
+        Idempotency-Key if it has one. `read` returns (the bytes the key covers, what
+        `create` needs). The key is in flight from before the body is read, so a second
+        request with it is a 409 however slowly the first one's body arrives."""
         key = request.headers.get("idempotency-key")
         if key is None:
-            return await create(None)
-        body_hash = await body_digest(body)
-        stored = self.idempotency.check(tenant, key, body_hash)
-        if stored is not None:
-            return Response(stored[2], status_code=stored[1], media_type=JSON,
-                            headers={"idempotent-replayed": "true"})
-        self.idempotency.in_flight.add((tenant, key))
+            return await create(None, (await read())[1])
+        self.idempotency.begin(tenant, key)
         try:
-            return await create((key, body_hash, 201, _encode_created))
+            signed, prepared = await read()
+            body_hash = await body_digest(signed)
+            stored = self.idempotency.stored(tenant, key, body_hash)
+            if stored is not None:
+                return Response(stored[2], status_code=stored[1], media_type=JSON,
+                                headers={"idempotent-replayed": "true"})
+            return await create((key, body_hash, 201, _encode_created), prepared)
         finally:
-            self.idempotency.in_flight.discard((tenant, key))
+            self.idempotency.end(tenant, key)
 
     @staticmethod
     def page_args(request: Request, statuses: tuple[str, ...] = ()
@@ -198,23 +204,24 @@ class Api:
     # -- routes ----------
 
     async def create_file(self, request: Request, tenant: str) -> Response:
-        limit = self.mb.settings.max_file_bytes
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            data, filename, fields = await self._multipart_file(request, limit)
-            # The key covers the whole request, not only the file's bytes (the boundary
-            # is random per request, so the raw body cannot be compared).
-            signed = _encode([filename, sorted(fields.items())]) + b"\n" + data
-        else:
-            data, filename = await self.read_body(request, limit), None
-            signed = data
+        async def read() -> tuple[bytes, tuple[bytes, str | None]]:
+            limit = self.mb.settings.max_file_bytes
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                data, filename, fields = await self._multipart_file(request, limit)
+                # The key covers the whole request, not only the file's bytes (the
+                # boundary is random per request, so the raw body cannot be compared).
+                return _encode([filename, sorted(fields.items())]) + b"\n" + data, (
+                    data, filename)
+            data = await self.read_body(request, limit)
+            return data, (data, None)
 
-        async def create(idem: tuple | None) -> Response:
+        async def create(idem: tuple | None, upload: tuple[bytes, str | None]) -> Response:
+            data, filename = upload
             file = await self.mb.create_file(data, filename=filename, tenant=tenant,
                                              idempotency=idem)
             return json_response(file, 201)
 
-        return await self.idempotent(request, tenant, signed, create)
+        return await self.idempotent(request, tenant, read, create)
 
     async def _multipart_file(self, request: Request, limit: int
                               ) -> tuple[bytes, str | None, dict[str, str]]:
@@ -236,15 +243,17 @@ class Api:
             await form.close()
 
     async def create_batch(self, request: Request, tenant: str) -> Response:
-        body = await self.json_body(request)
-        spec = decode_json(body, BatchCreate)
-        if (spec.items is None) == (spec.input_file_id is None):
-            raise InvalidInput("send exactly one of items or input_file_id",
-                               [{"field": "items", "message": "items or input_file_id"}])
-        if spec.webhook is not None:
-            self._check_webhook_url(spec.webhook.url)
+        async def read() -> tuple[bytes, BatchCreate]:
+            body = await self.json_body(request)
+            spec = decode_json(body, BatchCreate)
+            if (spec.items is None) == (spec.input_file_id is None):
+                raise InvalidInput("send exactly one of items or input_file_id",
+                                   [{"field": "items", "message": "items or input_file_id"}])
+            if spec.webhook is not None:
+                self._check_webhook_url(spec.webhook.url)
+            return body, spec
 
-        async def create(idem: tuple | None) -> Response:
+        async def create(idem: tuple | None, spec: BatchCreate) -> Response:
             batch = await self.mb.submit(
                 spec.kind, spec.items or (), webhook=spec.webhook, metadata=spec.metadata,
                 max_attempts=spec.max_attempts, item_timeout_s=spec.item_timeout_s,
@@ -252,7 +261,7 @@ class Api:
                 tenant=tenant, idempotency=idem)
             return json_response(batch, 201)
 
-        return await self.idempotent(request, tenant, body, create)
+        return await self.idempotent(request, tenant, read, create)
 
     def _check_webhook_url(self, url: str) -> None:
         """A literal private address is refused up front (names resolve at send time);

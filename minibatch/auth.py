@@ -66,26 +66,31 @@ class Authenticator:
 class Idempotency:
     """IETF Idempotency-Key: replay the first 201 for the same key and body for 24 h.
 
-    The key is stored in the same transaction as what the request created; a key still
-    in flight is a 409, a reused key with another body a 422.
+    The key is stored in the same transaction as what the request created. A request
+    holds its key from `begin` to `end`: meanwhile the same key is a 409. A reused key
+    with another body is a 422.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.in_flight: set[tuple[str, str]] = set()
 
-    def check(self, tenant: str, key: str, body_hash: bytes
-              ) -> tuple[bytes, int, bytes] | None:
-        """The stored (body_hash, status, response) to replay, or None to go ahead.
-
-        `body_hash` is the SHA-256 of what the key covers. The caller adds (tenant, key)
-        to `in_flight` while it works, and removes it after.
-        """
+    def begin(self, tenant: str, key: str) -> None:
+        """Mark the key in flight: 409 if it already is."""
         if not key or len(key) > IDEMPOTENCY_KEY_MAX:
             raise InvalidInput("Idempotency-Key must be 1-255 characters",
                                [{"field": "Idempotency-Key", "message": "bad length"}])
         if (tenant, key) in self.in_flight:
             raise Conflict("a request with this Idempotency-Key is still in flight")
+        self.in_flight.add((tenant, key))
+
+    def end(self, tenant: str, key: str) -> None:
+        self.in_flight.discard((tenant, key))
+
+    def stored(self, tenant: str, key: str, body_hash: bytes
+               ) -> tuple[bytes, int, bytes] | None:
+        """The stored (body_hash, status, response) to replay, or None to go ahead;
+        `body_hash` is the SHA-256 of what the key covers, and another one is a 422."""
         stored = self.store.idempotency_get(tenant, key, time.time() - IDEMPOTENCY_WINDOW_S)
         if stored is not None and stored[0] != body_hash:
             raise InvalidInput(

@@ -157,7 +157,7 @@ class ItemQueries(StoreBase):
     def items_release(self, owner: str, now: float) -> int:
         """Hand an owner's running items back to the queue; the attempt is not counted."""
         with self._tx() as cur:
-            rows = cur.execute(
+            rows: list[Any] = cur.execute(
                 "UPDATE items SET status='queued', attempts=attempts-1, run_at=?,"
                 " lease_until=NULL, lease_owner=NULL WHERE status='running' AND lease_owner=?"
                 " RETURNING batch", (now, owner)).fetchall()
@@ -176,7 +176,7 @@ class ItemQueries(StoreBase):
         outcome whose lease was lost is discarded, so an item has exactly one outcome.
         """
         with self._tx() as cur:
-            written = cur.executemany(
+            written: list[Any] = cur.executemany(
                 "UPDATE items SET status=?, output=?, error=?, run_at=?, lease_until=NULL"
                 " WHERE seq=? AND status='running' AND lease_owner=? AND lease_token=?"
                 " RETURNING batch, seq, status",
@@ -226,7 +226,7 @@ class ItemQueries(StoreBase):
         calling process itself, which knows its items are still running.
         """
         with self._tx() as cur:
-            rows = cur.execute(
+            rows: list[Any] = cur.execute(
                 "SELECT i.seq, i.batch, i.attempts, b.max_attempts FROM items i"
                 " JOIN batches b ON b.seq = i.batch"
                 " WHERE i.status='running' AND i.lease_until < ?1"

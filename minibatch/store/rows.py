@@ -34,7 +34,7 @@ class BatchRow(NamedTuple):
     id: str
     tenant: str
     kind: str
-    status: str
+    status: models.BatchStatus
     total: int
     queued: int
     running: int
@@ -52,7 +52,7 @@ class BatchRow(NamedTuple):
     webhook_events: str | None
     webhook_gone: int
 
-    def events(self) -> list[str]:
+    def events(self) -> list[models.EventType]:
         return decode(self.webhook_events) if self.webhook_events else []
 
 

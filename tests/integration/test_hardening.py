@@ -303,3 +303,33 @@ async def test_the_webhook_loops_survive_an_unexpected_error(db_path, monkeypatc
                     await anyio.sleep(0.02)
     mb.close()
     assert len(rx.requests) >= 1 and ds[0].attempts[-1].status_code == 200
+
+
+def test_a_key_is_in_flight_while_the_first_body_is_still_arriving(client, server):
+    """The second request with a key gets 409 even before the first one's body is in.
+
+    The first request's head is sent, then part of its body; the second goes on another
+    connection. Should the second be routed before the first (nothing orders two
+    connections), that try is dropped and another key tried: only a server that lets
+    the second through every time fails."""
+    body = b'{"input": 1}\n'
+    api_key = client.headers["authorization"].split()[1].encode()
+    for attempt in range(10):
+        key = f"slow-{attempt}"
+        head = (b"POST /v1/files HTTP/1.1\r\nhost: x\r\nidempotency-key: " + key.encode()
+                + b"\r\ncontent-type: application/jsonl\r\nx-api-key: " + api_key
+                + b"\r\ncontent-length: %d\r\n\r\n" % len(body))
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head + body[:5])
+            time.sleep(0.05)
+            second = client.post("/v1/files", content=body, headers={"Idempotency-Key": key})
+            if second.status_code != 409:
+                assert second.status_code == 201, second.text
+                continue
+            sock.sendall(body[5:])
+            first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 201"), first
+        replay = client.post("/v1/files", content=body, headers={"Idempotency-Key": key})
+        assert replay.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
+        return
+    pytest.fail("the second request was never refused while the first was in flight")

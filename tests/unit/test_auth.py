@@ -28,17 +28,21 @@ def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
     store = Store(db_path)
     idem = Idempotency(store)
     body_hash, other_hash = hashlib.sha256(b"body").digest(), hashlib.sha256(b"other").digest()
-    assert idem.check("t", "k", body_hash) is None
+    assert idem.stored("t", "k", body_hash) is None
     with store._tx() as cur:
         store._idempotency_put(cur, "t", ("k", body_hash, 201, lambda _: b"first"), None, 1e12)
     store.close()
 
     reopened = Idempotency(Store(db_path))
-    replay = reopened.check("t", "k", body_hash)
+    replay = reopened.stored("t", "k", body_hash)
     assert replay[1:] == (201, b"first")
     with pytest.raises(InvalidInput):
-        reopened.check("t", "k", other_hash)
-    assert reopened.check("other-tenant", "k", body_hash) is None
-    reopened.in_flight.add(("t", "k2"))
+        reopened.stored("t", "k", other_hash)
+    assert reopened.stored("other-tenant", "k", body_hash) is None
+    reopened.begin("t", "k2")
     with pytest.raises(Conflict):
-        reopened.check("t", "k2", body_hash)
+        reopened.begin("t", "k2")
+    reopened.end("t", "k2")
+    reopened.begin("t", "k2")
+    with pytest.raises(InvalidInput):
+        reopened.begin("t", "x" * 256)
