@@ -109,14 +109,14 @@ def test_sigterm_hands_running_items_back_and_exits_0(tmp_path):
     items = write_jsonl(tmp_path / "slow.jsonl", [{"input": {"seconds": 60}}] * 5)
     batch_id = cli("submit", items, "--kind", "sleep", env=srv.client_env).stdout.strip()
     headers = {"x-api-key": srv.key["api_key"]}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while httpx.get(f"{srv.url}/v1/batches/{batch_id}",
                     headers=headers).json()["metrics"]["running"] < 5:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     started = time.monotonic()
     assert srv.stop() == 0
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # a 0.5 s grace, not the items' 60 s
     restarted = Served(tmp_path)
     batch = httpx.get(f"{restarted.url}/v1/batches/{batch_id}",
                       headers={"x-api-key": restarted.key["api_key"]}).json()

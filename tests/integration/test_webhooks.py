@@ -139,7 +139,10 @@ async def test_410_gone_ends_the_delivery_and_later_events_to_that_url(db_path):
 
     @mb.handler("slow", concurrency=1)
     async def slow(item):
-        await anyio.sleep(0.3)  # each item's event goes out before the next one exists
+        with anyio.fail_after(10):  # the first item's event has its 410 before the next exists
+            while item.index and (not (ds := await mb.deliveries(item.batch_id))
+                                  or ds[0].status == "pending"):
+                await anyio.sleep(0.02)
         return item.input
 
     with Receiver([410]) as rx:
@@ -237,12 +240,14 @@ async def test_a_dead_receiver_does_not_slow_items(db_path, tmp_path):
     async with plain:
         baseline, _ = await run(plain, None)
     plain.close()
-    mb = make_mb(db_path, webhook_timeout_s=30)
-    with Receiver(default=("hang", 30)) as rx:
+    mb = make_mb(db_path, webhook_timeout_s=120)
+    with Receiver(default=("hang", 120)) as rx:
         async with mb:
             elapsed, batch = await run(mb, {"url": rx.url, "events": ["item.succeeded"]})
             summary = (await mb.get(batch.id)).deliveries
     assert batch.status == "completed"
     assert summary.total == n and summary.pending > n - 100
-    assert elapsed < max(3 * baseline, baseline + 2), (elapsed, baseline)
+    # Loose, so a slower moment of the machine passes; items held up by the receiver's
+    # 120 s hangs would take far longer, or not finish within the wait above at all.
+    assert elapsed < max(10 * baseline, baseline + 20), (elapsed, baseline)
     mb.close()

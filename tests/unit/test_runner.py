@@ -108,9 +108,10 @@ async def test_exceptions_back_off_exponentially(db_path):
     mb.close()
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) == 4
-    # about 0.1, 0.2, 0.4 s with +-20 % jitter
+    # about 0.1, 0.2, 0.4 s with +-20 % jitter: never shorter (the contract); the upper
+    # bound leaves room for a busy machine and still fails the default base of 1 s (>= 3.2)
     for gap, base in zip(gaps, (0.1, 0.2, 0.4), strict=True):
-        assert base * 0.8 - 0.005 <= gap <= base * 1.2 + 0.15, gaps
+        assert base * 0.8 - 0.005 <= gap <= base * 5 + 0.5, gaps
 
 
 async def test_timeout_is_a_failed_attempt_with_code_timeout(mb):
@@ -160,12 +161,12 @@ async def test_cancel_mid_run_interrupts_running_and_cancels_queued(mb):
 
 
 async def test_cancel_waits_for_a_sync_handler_then_ends_cancelled(mb):
-    entered = threading.Event()
+    entered, cancelled = threading.Event(), threading.Event()
 
     @mb.handler("sync", concurrency=1)
     def work(item):
         entered.set()
-        time.sleep(0.3)
+        cancelled.wait(10)  # still running when the cancel comes, however slow the machine
         return "finished"
 
     async with mb:
@@ -173,6 +174,7 @@ async def test_cancel_waits_for_a_sync_handler_then_ends_cancelled(mb):
         while not entered.is_set():
             await anyio.sleep(0.01)
         await mb.cancel(batch.id)
+        cancelled.set()
         done = await mb.wait(batch.id, timeout=10)
         statuses = [r.status async for r in mb.results(batch.id)]
     assert done.status == "cancelled" and statuses == ["cancelled", "cancelled"]
@@ -305,7 +307,7 @@ async def test_stored_batch_of_a_kind_with_no_handler_fails_at_start(db_path):
 
     second = minibatch.Minibatch(db_path)
     async with second:
-        done = await second.wait(batch.id, timeout=5)
+        done = await second.wait(batch.id, timeout=10)
         codes = {r.error.code async for r in second.results(batch.id)}
     second.close()
     assert done.status == "failed" and done.metrics.failed == 2
@@ -376,12 +378,18 @@ async def test_what_a_handler_raises_never_stops_the_runner(mb):
 async def test_an_item_whose_lease_this_process_lost_runs_again_without_a_crash(mb):
     """Found in review: the same runner re-claimed its own item while the first run went
     on, and both runs shared one key in the runner's table of running items."""
-    started = anyio.Event()
+    started, second_started, first_returns = anyio.Event(), anyio.Event(), anyio.Event()
 
     @mb.handler("slow", concurrency=2)
     async def slow(item):
         started.set()
-        await anyio.sleep(0.3)
+        with anyio.fail_after(10):  # the runs wait on each other, not on the clock:
+            if item.attempt == 1:  # the first goes on until the second has started,
+                await second_started.wait()
+                first_returns.set()
+            else:  # and ends first, while the second still runs
+                second_started.set()
+                await first_returns.wait()
         return item.attempt
 
     async with mb:
