@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
+from starlette.requests import Request
 
-from minibatch.auth import Idempotency, create_tenant_key, hash_key
-from minibatch.errors import Conflict, InvalidInput
+from minibatch.auth import Authenticator, Idempotency, create_tenant_key, hash_key
+from minibatch.errors import Conflict, InvalidInput, Unauthorized
 from minibatch.store import Store
 
 
@@ -46,3 +48,66 @@ def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
     reopened.begin("t", "k2")
     with pytest.raises(InvalidInput):
         reopened.begin("t", "x" * 256)
+
+
+def test_tenant_names_are_1_to_200_characters(db_path):
+    store = Store(db_path)
+    assert create_tenant_key(store, "t" * 200)["tenant"] == "t" * 200
+    for bad in ("", "t" * 201):
+        with pytest.raises(InvalidInput):
+            create_tenant_key(store, bad)
+
+
+def test_a_key_returns_the_tenants_primary_secret_even_after_a_rotation(db_path):
+    store = Store(db_path)
+    first = create_tenant_key(store, "acme")
+    assert first["webhook_secret"].startswith("whsec_")
+    assert first["api_key"].startswith("mb_") and len(first["api_key"]) == 3 + 43
+    store.secret_rotate("acme", "secret_new", "whsec_bmV3", 3600, time.time())
+    assert create_tenant_key(store, "acme")["webhook_secret"] == "whsec_bmV3"
+
+
+def test_idempotency_keys_are_1_to_255_characters(db_path):
+    idem = Idempotency(Store(db_path))
+    idem.begin("t", "k" * 255)
+    for bad in ("", "k" * 256):
+        with pytest.raises(InvalidInput):
+            idem.begin("t", bad)
+
+
+def test_a_key_replays_for_24_hours_and_not_after(db_path):
+    store = Store(db_path)
+    idem = Idempotency(store)
+    digest = hashlib.sha256(b"body").digest()
+    now = time.time()
+    with store._tx() as cur:
+        for key, age in (("fresh", 24 * 3600 - 60), ("stale", 24 * 3600 + 60)):
+            store._idempotency_put(cur, "t", (key, digest, 201, lambda _: b"x"), None,
+                                   now - age)
+    assert idem.stored("t", "fresh", digest) is not None
+    assert idem.stored("t", "stale", digest) is None
+
+
+def request_with(*headers: tuple[str, str]) -> Request:
+    return Request({"type": "http", "method": "GET", "path": "/", "query_string": b"",
+                    "headers": [(k.encode(), v.encode()) for k, v in headers]})
+
+
+def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refused(db_path):
+    store = Store(db_path)
+    auth = Authenticator(store)
+    a, b = create_tenant_key(store, "a")["api_key"], create_tenant_key(store, "b")["api_key"]
+    assert auth.tenant(request_with(("authorization", f"Bearer {a}"))) == "a"
+    assert auth.tenant(request_with(("authorization", f"bearer {a}"))) == "a"
+    assert auth.tenant(request_with(("x-api-key", b))) == "b"
+    assert auth.tenant(request_with(("x-api-key", a), ("authorization", f"Bearer {a}"))) == "a"
+    low, high = sorted((a, b))
+    for x_api_key, bearer in ((low, high), (high, low)):
+        with pytest.raises(Unauthorized):
+            auth.tenant(request_with(("x-api-key", x_api_key),
+                                     ("authorization", f"Bearer {bearer}")))
+    for value in (f"Bearerx {a}", f"Token {a}", f"Basic {a}", "Bearer "):
+        with pytest.raises(Unauthorized):
+            auth.tenant(request_with(("authorization", value)))
+    with pytest.raises(Unauthorized):
+        auth.tenant(request_with(("x-api-key", "mb_unknown")))
