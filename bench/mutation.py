@@ -49,6 +49,7 @@ TOOL = "cosmic-ray==8.7.0"
 # at the first failure.
 MAP: dict[str, tuple[str, list[str]]] = {
     "signing": ("minibatch/signing.py", [
+        "tests/unit/test_signing.py",
         "tests/unit/test_auth.py",  # create_tenant_key -> new_secret
         "tests/integration/test_webhooks.py",  # headers verified by standardwebhooks
     ]),
