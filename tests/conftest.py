@@ -1,6 +1,9 @@
-"""Shared fixtures: a database file in a tmp dir, and a Minibatch over it."""
+"""Shared fixtures: a database file in a tmp dir, a Minibatch over it, and real servers."""
 
 from __future__ import annotations
+
+import itertools
+import re
 
 import pytest
 
@@ -78,19 +81,58 @@ class ServerThread:
         self.thread.join(timeout=20)
         self.mb.close()
 
+    def stored(self, tenant: str) -> tuple[int, int, int]:
+        """What `tenant` has stored: its files, their lines, its batches. Lines of no file
+        count too, whoever wrote them: a refused upload must leave neither."""
+        one = self.mb.store._one
+        return (one("SELECT count(*) FROM files WHERE tenant=?", (tenant,))[0],
+                one("SELECT count(*) FROM file_lines WHERE file IN"
+                    " (SELECT id FROM files WHERE tenant=?)"
+                    " OR file NOT IN (SELECT id FROM files)", (tenant,))[0],
+                one("SELECT count(*) FROM batches WHERE tenant=?", (tenant,))[0])
 
-@pytest.fixture
-def server(db_path):
-    srv = ServerThread(db_path, max_json_bytes=1024 * 1024, max_file_bytes=2 * 1024 * 1024,
-                       webhook_retry_schedule="0,0.05,0.05")
+
+SERVER_OPTIONS = {"max_json_bytes": 1024 * 1024, "max_file_bytes": 2 * 1024 * 1024,
+                  "webhook_retry_schedule": "0,0.05,0.05"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server and database per test module: a test gets its own tenant (`tenant`,
+    `client`) and sees only that tenant's batches, files, deliveries and secrets. A test
+    that needs a server to itself (global counts, metrics, patched settings) takes
+    `fresh_server` or builds its own `ServerThread`."""
+    srv = ServerThread(str(tmp_path_factory.mktemp("server") / "jobs.db"), **SERVER_OPTIONS)
     yield srv.start()
     srv.stop()
 
 
 @pytest.fixture
-def client(server):
+def fresh_server(db_path):
+    """A server and database of its own for one test, with the settings of `server`."""
+    srv = ServerThread(db_path, **SERVER_OPTIONS)
+    yield srv.start()
+    srv.stop()
+
+
+_tenant_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def tenant(request) -> str:
+    """A tenant name no other test uses (the counter keeps it unique, the name says whose)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    return f"t{next(_tenant_numbers)}-{name}"[:180]  # room for a suffix: 200 at most
+
+
+def tenant_client(srv: ServerThread, tenant: str):
     import httpx
 
-    with httpx.Client(base_url=server.url, timeout=10,
-                      headers={"Authorization": f"Bearer {server.key('acme')}"}) as c:
+    return httpx.Client(base_url=srv.url, timeout=10,
+                        headers={"Authorization": f"Bearer {srv.key(tenant)}"})
+
+
+@pytest.fixture
+def client(server, tenant):
+    with tenant_client(server, tenant) as c:
         yield c

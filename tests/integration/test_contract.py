@@ -301,15 +301,18 @@ def test_the_shown_webhook_url_drops_userinfo_and_query_values(client, server):
 JSON_LIMIT, FILE_LIMIT = 64 * 1024, 128 * 1024
 
 
-@pytest.fixture
-def small(db_path) -> Iterator[ServerThread]:
-    srv = ServerThread(db_path, max_json_bytes=JSON_LIMIT, max_file_bytes=FILE_LIMIT).start()
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Iterator[ServerThread]:
+    """One server with small limits for the module; each test uses its own tenant."""
+    srv = ServerThread(str(tmp_path_factory.mktemp("small") / "jobs.db"),
+                       max_json_bytes=JSON_LIMIT, max_file_bytes=FILE_LIMIT).start()
     yield srv
     srv.stop()
 
 
-def request_head(srv: ServerThread, path: str, ctype: str, length: str) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: {srv.key('acme')}\r\n"
+def request_head(srv: ServerThread, path: str, ctype: str, length: str,
+                 tenant: str = "acme") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: {srv.key(tenant)}\r\n"
             f"content-type: {ctype}\r\n{length}\r\n\r\n").encode()
 
 
@@ -340,26 +343,28 @@ PART_HEAD = (b'--xyz\r\ncontent-disposition: form-data; name="file"; filename="a
     ("/v1/files", MULTIPART, FILE_LIMIT, PART_HEAD + b'{"input": "'),
 ], ids=["json", "raw-file", "multipart"])
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-def test_413_is_sent_before_the_whole_body_is_read(small, path, ctype, limit, start, framing):
+def test_413_is_sent_before_the_whole_body_is_read(small, tenant, path, ctype, limit, start,
+                                                  framing):
     """The client sends more than the limit but not the end of the body, then waits."""
     part = start + b"x" * (limit + 16 * 1024 - len(start))
     with socket.create_connection(("127.0.0.1", small.port), timeout=DEADLINE) as sock:
         if framing == "content-length":  # declares 10 times the limit, sends a part
-            sock.sendall(request_head(small, path, ctype, f"content-length: {limit * 10}"))
+            sock.sendall(request_head(small, path, ctype, f"content-length: {limit * 10}",
+                                      tenant))
             sock.sendall(part[:1024])
         else:  # no declared length: the body must be counted as it arrives
-            sock.sendall(request_head(small, path, ctype, "transfer-encoding: chunked"))
+            sock.sendall(request_head(small, path, ctype, "transfer-encoding: chunked", tenant))
             sock.sendall(chunked(part))
         assert status_of(sock) == 413
-    with api(small) as client:  # and nothing was stored
+    with api(small, tenant) as client:  # and nothing was stored
         assert client.get("/v1/batches").json()["data"] == []
-    assert small.mb.store._one("SELECT count(*) FROM files")[0] == 0
+    assert small.stored(tenant) == (0, 0, 0)
 
 
 # -- idempotent file uploads ----------
 
 
-def test_a_replayed_upload_is_byte_identical_and_stores_one_file(client, server):
+def test_a_replayed_upload_is_byte_identical_and_stores_one_file(client, server, tenant):
     headers = {"Idempotency-Key": "file-1", "content-type": "application/jsonl"}
     body = b'{"input": 1}\n{"input": 2, "entry_id": "b"}\n'
     first = client.post("/v1/files", content=body, headers=headers)
@@ -369,7 +374,7 @@ def test_a_replayed_upload_is_byte_identical_and_stores_one_file(client, server)
     assert replay.headers["idempotent-replayed"] == "true"
     other = client.post("/v1/files", content=b'{"input": 3}\n', headers=headers)
     assert other.status_code == 422
-    assert server.mb.store._one("SELECT count(*) FROM files")[0] == 1
+    assert server.stored(tenant)[0] == 1
 
 
 def test_an_upload_replays_after_a_server_restart(db_path):
@@ -394,7 +399,7 @@ def test_an_upload_replays_after_a_server_restart(db_path):
     assert files == 1
 
 
-def test_the_same_key_while_the_first_upload_is_in_flight_is_409(client, server):
+def test_the_same_key_while_the_first_upload_is_in_flight_is_409(client, server, monkeypatch):
     """The first upload is held inside its create (the key is then in flight) while a
     second one with the same key arrives."""
     entered, release = threading.Event(), threading.Event()
@@ -409,7 +414,7 @@ def test_the_same_key_while_the_first_upload_is_in_flight_is_409(client, server)
                 await anyio.sleep(0.01)
         return await create_file(*args, **kwargs)
 
-    server.mb.create_file = held
+    monkeypatch.setattr(server.mb, "create_file", held)  # undone for the module's next test
     headers = {"Idempotency-Key": "file-3", "content-type": "application/jsonl"}
     body = b'{"input": 1}\n'
     answers: list[httpx.Response] = []

@@ -31,28 +31,22 @@ bodies = st.one_of(st.binary(max_size=2000), deep, bad_utf8, huge_line,
                             min_size=1, max_size=20).map(b"".join))
 
 
-def counts(server) -> tuple[int, int, int]:
-    one = server.mb.store._one
-    return (one("SELECT count(*) FROM files")[0], one("SELECT count(*) FROM file_lines")[0],
-            one("SELECT count(*) FROM batches")[0])
-
-
 @pytest.fixture
-def fuzz_client(server):
+def fuzz_client(server, tenant):
     with httpx.Client(base_url=server.url, timeout=30,
-                      headers={"x-api-key": server.key("fuzz")}) as c:
+                      headers={"x-api-key": server.key(tenant)}) as c:
         yield c
 
 
-def test_jsonl_uploads_never_500_and_refusals_write_nothing(server, fuzz_client):
+def test_jsonl_uploads_never_500_and_refusals_write_nothing(server, tenant, fuzz_client):
     @given(body=bodies)
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     def upload(body: bytes) -> None:
-        before = counts(server)
+        before = server.stored(tenant)
         response = fuzz_client.post("/v1/files", content=body,
                                     headers={"content-type": "application/jsonl"})
-        after = counts(server)
+        after = server.stored(tenant)
         if response.status_code == 201:
             assert after[0] == before[0] + 1
             assert after[1] - before[1] == response.json()["lines"]
@@ -64,7 +58,7 @@ def test_jsonl_uploads_never_500_and_refusals_write_nothing(server, fuzz_client)
     upload()
 
 
-def test_batch_bodies_never_500(server, fuzz_client):
+def test_batch_bodies_never_500(server, tenant, fuzz_client):
     nested = st.integers(min_value=1, max_value=200_000).map(
         lambda n: b'{"kind": "echo", "items": [{"input": ' + b"[" * n + b"]" * n + b"}]}")
     broken = st.binary(max_size=300).map(
@@ -74,11 +68,11 @@ def test_batch_bodies_never_500(server, fuzz_client):
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     def create(body: bytes) -> None:
-        before = counts(server)
+        before = server.stored(tenant)
         response = fuzz_client.post("/v1/batches", content=body,
                                     headers={"content-type": "application/json"})
         if response.status_code != 201:
             assert response.status_code in REFUSALS, (response.status_code, response.text)
-            assert counts(server) == before
+            assert server.stored(tenant) == before
 
     create()

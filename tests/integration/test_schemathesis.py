@@ -18,10 +18,10 @@ MAX_EXAMPLES = int(os.environ.get("MINIBATCH_SCHEMATHESIS_EXAMPLES", "25"))
 
 
 @pytest.mark.parametrize(("method", "path"), [(e.method, e.path) for e in ENDPOINTS])
-def test_no_server_errors_and_responses_match_the_schema(server, method, path):
+def test_no_server_errors_and_responses_match_the_schema(server, tenant, method, path):
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     operation = schema[path][method]
-    headers = {"Authorization": f"Bearer {server.key('fuzz')}"}
+    headers = {"Authorization": f"Bearer {server.key(tenant)}"}
 
     @given(case=operation.as_strategy())
     @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
