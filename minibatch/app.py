@@ -24,7 +24,7 @@ from .handlers import Registry
 from .metrics import Histogram
 from .models import Batch, ItemError, Result
 from .runner import Runner
-from .store import Store, item_id, new_id
+from .store import SqliteStore, Store, item_id, new_id
 
 DEFAULT_TENANT = "default"
 RESULTS_PAGE = 1000
@@ -40,7 +40,7 @@ class Minibatch:
 
     def __init__(self, path: str = "minibatch.db", **options: Any) -> None:
         self.settings = make_settings(db=path, **options)
-        self.store = Store(path, synchronous=self.settings.synchronous,
+        self.store: Store = SqliteStore(path, synchronous=self.settings.synchronous,
                            webhook_schedule=self.settings.webhook_retry_schedule)
         self.registry = Registry()
         self.now: Callable[[], float] = time.time

@@ -130,11 +130,11 @@ def _check_can_listen(host: str, port: int) -> None:
 def _store(db: str | None) -> Any:
     from .config import make_settings
     from .errors import MinibatchError
-    from .store import Store
+    from .store import SqliteStore
 
     try:
         settings = make_settings(db=db or os.environ.get("MINIBATCH_DB", "minibatch.db"))
-        return Store(settings.db, webhook_schedule=settings.webhook_retry_schedule)
+        return SqliteStore(settings.db, webhook_schedule=settings.webhook_retry_schedule)
     except MinibatchError as exc:
         raise CliError(exc.detail) from None
 

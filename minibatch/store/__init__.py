@@ -5,9 +5,9 @@ long enough to go to a thread. Every state change is one `BEGIN IMMEDIATE` trans
 (`_tx`), and whatever it causes - batch counters, the terminal transition, the webhook
 delivery rows - is written inside that same transaction.
 
-`Store` is the one boundary the runner, the deliverer and the API talk to; a file per
-noun holds its queries. Method names read noun first: `batch_insert`, `items_claim`,
-`items_finish`, `deliveries_claim`, ...
+`Store` (interface.py) is the one boundary the runner, the deliverer and the API talk
+to; `SqliteStore` implements it, a file per noun holding its queries. Method names read
+noun first: `batch_insert`, `items_claim`, `items_finish`, `deliveries_claim`, ...
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from .accounts import AccountQueries
 from .batches import BatchQueries
 from .deliveries import PUBLIC_STATUS, DeliveryQueries
+from .interface import Store
 from .items import ItemQueries
 from .rows import (
     BatchRow,
@@ -29,7 +30,7 @@ from .rows import (
 from .schema import MIGRATIONS
 
 
-class Store(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries):
+class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries):
     """One SQLite database file (WAL) holding every batch, item, delivery and key."""
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -44,5 +45,6 @@ class Store(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries):
         return {"items": items, "deliveries": deliveries}
 
 
-__all__ = ["MIGRATIONS", "BatchRow", "Claimed", "Outcome", "Store", "batch_struct",
+__all__ = ["MIGRATIONS", "BatchRow", "Claimed", "Outcome", "SqliteStore", "Store",
+           "batch_struct",
            "error_bytes", "item_id", "new_id", "sanitize_url"]

@@ -11,11 +11,11 @@ from starlette.requests import Request
 
 from minibatch.auth import Authenticator, Idempotency, create_tenant_key, hash_key
 from minibatch.errors import Conflict, InvalidInput, Unauthorized
-from minibatch.store import Store
+from minibatch.store import SqliteStore
 
 
 def test_keys_are_stored_only_as_a_hash(db_path):
-    store = Store(db_path)
+    store = SqliteStore(db_path)
     out = create_tenant_key(store, "acme")
     rows = store.conn.execute("SELECT key_hash, tenant FROM api_keys").fetchall()
     assert rows == [(hash_key(out["api_key"]), "acme")]
@@ -27,7 +27,7 @@ def test_keys_are_stored_only_as_a_hash(db_path):
 
 
 def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
-    store = Store(db_path)
+    store = SqliteStore(db_path)
     idem = Idempotency(store)
     body_hash, other_hash = hashlib.sha256(b"body").digest(), hashlib.sha256(b"other").digest()
     assert idem.stored("t", "k", body_hash) is None
@@ -35,7 +35,7 @@ def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
         store._idempotency_put(cur, "t", ("k", body_hash, 201, lambda _: b"first"), None, 1e12)
     store.close()
 
-    reopened = Idempotency(Store(db_path))
+    reopened = Idempotency(SqliteStore(db_path))
     replay = reopened.stored("t", "k", body_hash)
     assert replay[1:] == (201, b"first")
     with pytest.raises(InvalidInput):
@@ -51,7 +51,7 @@ def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
 
 
 def test_tenant_names_are_1_to_200_characters(db_path):
-    store = Store(db_path)
+    store = SqliteStore(db_path)
     assert create_tenant_key(store, "t" * 200)["tenant"] == "t" * 200
     for bad in ("", "t" * 201):
         with pytest.raises(InvalidInput):
@@ -59,7 +59,7 @@ def test_tenant_names_are_1_to_200_characters(db_path):
 
 
 def test_a_key_returns_the_tenants_primary_secret_even_after_a_rotation(db_path):
-    store = Store(db_path)
+    store = SqliteStore(db_path)
     first = create_tenant_key(store, "acme")
     assert first["webhook_secret"].startswith("whsec_")
     assert first["api_key"].startswith("mb_") and len(first["api_key"]) == 3 + 43
@@ -68,7 +68,7 @@ def test_a_key_returns_the_tenants_primary_secret_even_after_a_rotation(db_path)
 
 
 def test_idempotency_keys_are_1_to_255_characters(db_path):
-    idem = Idempotency(Store(db_path))
+    idem = Idempotency(SqliteStore(db_path))
     idem.begin("t", "k" * 255)
     for bad in ("", "k" * 256):
         with pytest.raises(InvalidInput):
@@ -76,7 +76,7 @@ def test_idempotency_keys_are_1_to_255_characters(db_path):
 
 
 def test_a_key_replays_for_24_hours_and_not_after(db_path):
-    store = Store(db_path)
+    store = SqliteStore(db_path)
     idem = Idempotency(store)
     digest = hashlib.sha256(b"body").digest()
     now = time.time()
@@ -94,7 +94,7 @@ def request_with(*headers: tuple[str, str]) -> Request:
 
 
 def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refused(db_path):
-    store = Store(db_path)
+    store = SqliteStore(db_path)
     auth = Authenticator(store)
     a, b = create_tenant_key(store, "a")["api_key"], create_tenant_key(store, "b")["api_key"]
     assert auth.tenant(request_with(("authorization", f"Bearer {a}"))) == "a"

@@ -20,7 +20,7 @@ from minibatch.delivery import next_delay, retry_after_s
 from minibatch.handlers import Registry, backoff
 from minibatch.metrics import Histogram
 from minibatch.runner import KindPool, Runner
-from minibatch.store import Outcome, Store
+from minibatch.store import Outcome, SqliteStore
 from tests.receiver import Receiver
 
 pytestmark = pytest.mark.anyio
@@ -48,10 +48,10 @@ def seconds_after(dt, t: float) -> float:
 
 
 def two_runners(db_path: str, clock: list[float], max_attempts: int = 3
-                ) -> tuple[Store, Runner, Runner, KindPool, KindPool, str]:
+                ) -> tuple[SqliteStore, Runner, Runner, KindPool, KindPool, str]:
     """Two runners (two owners, as two processes would be) over one database, reading
     the test's clock, and a batch of one item of kind `k`."""
-    store = Store(db_path)
+    store = SqliteStore(db_path)
     registry = Registry()
     handler = registry.register("k", lambda item: item.input, concurrency=4, timeout=None,
                                 max_attempts=None)
@@ -218,7 +218,7 @@ async def test_webhook_attempts_follow_the_schedule_and_retry_after_from_the_inj
 
 
 def test_a_delivery_left_sending_by_a_dead_process_is_due_again_after_its_lease(db_path):
-    store = Store(db_path, webhook_schedule=(0.0, 5.0))
+    store = SqliteStore(db_path, webhook_schedule=(0.0, 5.0))
     batch = store.batch_insert(tenant="t", kind="k", items=[{"input": 1}], now=T0,
                                max_attempts=1, webhook=minibatch.models.WebhookIn(
                                    "http://hooks.example/x"))

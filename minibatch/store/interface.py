@@ -1,0 +1,139 @@
+"""`Store`: the one interface the runner, the deliverer, the API and the app use.
+
+Every method is one statement or one transaction of the store behind it; callers never
+see SQL, connections or which database is in use. `SqliteStore` implements it today;
+mypy checks that it does (app.py holds a `SqliteStore` as a `Store`). A second store
+(PostgreSQL) implements the same methods with the same guarantees: each write is one
+transaction, and whatever it causes (counters, the terminal transition, webhook rows)
+is written inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from .. import models
+from ..models import Batch, Delivery, FileObject, ItemRecord
+from .rows import BatchRow, Claimed, Outcome
+
+Idempotency = tuple[str, bytes, int, Any]  # (key, body hash, status, response builder)
+
+
+class Store(Protocol):
+    # -- batches ----------
+
+    def batch_insert(self, *, tenant: str, kind: str, items: Iterable[Any], now: float,
+                     metadata: dict | None = None, webhook: models.WebhookIn | None = None,
+                     max_attempts: int, item_timeout_s: float | None = None,
+                     concurrency: int | None = None, input_file_id: str | None = None,
+                     idempotency: Idempotency | None = None) -> BatchRow:
+        """A batch and its items (read lazily in chunks) in one transaction; InvalidInput
+        and nothing written if any item is bad."""
+        ...
+
+    def batch_get(self, batch_id: str, tenant: str | None = None) -> Batch: ...
+    def batch_seq(self, batch_id: str, tenant: str | None) -> int: ...
+    def batch_status(self, batch_id: str) -> str: ...
+
+    def batches_list(self, tenant: str | None, *, status: str | None, limit: int,
+                     after: str | None) -> tuple[list[Batch], bool]:
+        """Newest first, after the batch whose id is `after`; and whether more follow."""
+        ...
+
+    def batch_cancel(self, batch_id: str, tenant: str | None, now: float
+                     ) -> tuple[Batch, int]:
+        """Cancel queued items now; returns the batch and its seq (409 if terminal)."""
+        ...
+
+    def batches_cancelling(self, seqs: Iterable[int]) -> list[int]: ...
+
+    def batches_fail_unknown_kinds(self, kinds: Iterable[str], now: float) -> list[str]:
+        """Fail the queued items of open batches whose kind is not in `kinds`."""
+        ...
+
+    # -- items and leases ----------
+
+    def items_claim(self, kind: str, limit: int, owner: str, now: float,
+                    lease_s: float) -> list[Claimed]:
+        """Up to `limit` due items of `kind`, shared between its batches, leased."""
+        ...
+
+    def items_finish(self, outcomes: list[Outcome], owner: str, now: float) -> int:
+        """Write outcomes whose lease (owner and token) still holds; the rest are dropped."""
+        ...
+
+    def items_rescue(self, now: float, *, except_owner: str | None = None) -> int:
+        """Requeue (or fail, out of attempts) items whose lease expired."""
+        ...
+
+    def items_release(self, owner: str, now: float) -> int:
+        """Hand an owner's running items back without counting the attempt."""
+        ...
+
+    def leases_extend(self, owner: str, until: float) -> int: ...
+    def leases_expire(self, owner: str) -> int: ...
+    def lease_owners(self) -> list[str]: ...
+
+    def items_page(self, batch_id: str, tenant: str | None, *, status: str | None,
+                   limit: int, after: int) -> tuple[list[ItemRecord], bool]: ...
+
+    def results_page(self, batch_seq: int, after: int, limit: int) -> list[tuple]:
+        """Raw terminal rows (idx, seq, entry_id, status, output, error, attempts)."""
+        ...
+
+    # -- deliveries ----------
+
+    def deliveries_claim(self, now: float, limit: int, lease_s: float) -> list[tuple]: ...
+
+    def deliveries_record(self, records: list) -> None:
+        """Record attempts (delivery.AttemptRecord) and what follows each, in one go."""
+        ...
+
+    def deliveries_page(self, batch_seq: int, *, limit: int, after: str | None
+                        ) -> tuple[list[Delivery], bool]: ...
+
+    def delivery_redeliver(self, delivery_id: str, tenant: str | None, now: float
+                           ) -> Delivery: ...
+
+    # -- tenants, keys, secrets ----------
+
+    def tenant_create(self, name: str, key_hash: bytes, secret_id: str, secret: str,
+                      now: float) -> None: ...
+    def tenant_exists(self, name: str) -> bool: ...
+    def tenant_by_key(self, key_hash: bytes) -> str | None: ...
+
+    def secrets_active(self, tenant: str, now: float) -> list[tuple[str, str]]:
+        """(id, secret) pairs that sign now, the primary first."""
+        ...
+
+    def secret_rotate(self, tenant: str, secret_id: str, secret: str, overlap_s: float,
+                      now: float) -> tuple[str | None, float | None]: ...
+
+    # -- files and idempotency ----------
+
+    def file_begin(self, tenant: str, filename: str | None, size: int, now: float) -> str:
+        """A new file, invisible until `file_finish`."""
+        ...
+
+    def file_lines_insert(self, file_id: str, lines: list[tuple]) -> None: ...
+
+    def file_finish(self, file_id: str, lines: int,
+                    idempotency: Idempotency | None = None) -> FileObject: ...
+
+    def file_discard(self, file_id: str, chunk: int) -> bool:
+        """Delete up to `chunk` lines of an unfinished file; True while lines remain."""
+        ...
+
+    def idempotency_get(self, tenant: str, key: str, since: float) -> tuple | None: ...
+    def idempotency_prune(self, before: float) -> None: ...
+
+    # -- the whole store ----------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Items and deliveries by status, all tenants (for /metrics)."""
+        ...
+
+    def autocheckpoint(self, on: bool) -> None: ...
+    def checkpoint(self) -> None: ...
+    def close(self) -> None: ...
