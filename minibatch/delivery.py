@@ -222,6 +222,9 @@ class Deliverer:
         room = self.settings.webhook_concurrency - self.in_flight
         if room <= 0 or self.closing:
             return 0
+        # Attempts not yet recorded go first: a 410 among them ends the batch's other
+        # pending deliveries to that URL, which this claim must then not send.
+        self._flush()
         lease = self.settings.webhook_timeout_s + LEASE_MARGIN_S
         due = self.store.deliveries_claim(self.now(), room, lease)
         keys_by_tenant: dict[str, tuple[str | None, list[bytes]]] = {}

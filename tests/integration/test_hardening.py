@@ -330,3 +330,35 @@ def test_a_key_is_in_flight_while_the_first_body_is_still_arriving(client, serve
         assert replay.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
         return
     pytest.fail("the second request was never refused while the first was in flight")
+
+
+@pytest.mark.anyio
+async def test_after_a_410_no_other_pending_delivery_to_that_url_is_sent(db_path):
+    """One delivery at a time: after the first 410, the batch's other deliveries to that
+    URL end without an attempt. (The deliverer also records what it has before each
+    claim, for the case this does not reproduce: a claim between a 410 and its record.)"""
+    import anyio
+
+    from tests.receiver import Receiver
+
+    mb = minibatch.Minibatch(db_path, allow_private_webhooks=True, poll_interval_s=0.02,
+                             webhook_concurrency=1, webhook_retry_schedule="0,0.05")
+
+    @mb.handler("echo")
+    async def echo(item):
+        return item.input
+
+    with Receiver(default=410) as rx:
+        async with mb:
+            batch = await mb.submit("echo", [{"input": i} for i in range(5)], webhook={
+                "url": rx.url, "events": ["item.succeeded", "batch.completed"]})
+            with anyio.fail_after(30):
+                await mb.wait(batch.id)
+                ds = await mb.deliveries(batch.id)
+                while any(d.status == "pending" for d in ds):
+                    await anyio.sleep(0.02)
+                    ds = await mb.deliveries(batch.id)
+    mb.close()
+    assert len(rx.requests) == 1
+    assert [d.failure_reason_code for d in ds] == ["endpoint_gone"] * len(ds)
+    assert sum(d.attempt_count for d in ds) == 1
