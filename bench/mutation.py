@@ -66,6 +66,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "test_a_key_is_in_flight_while_the_first_body_is_still_arriving",
     ]),
     "handlers": ("minibatch/handlers.py", [
+        "tests/unit/test_handlers.py",
         "tests/unit/test_runner.py",
         "tests/unit/test_loops_once.py",
         "tests/unit/test_poison_and_stall.py",

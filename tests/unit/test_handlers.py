@@ -1,0 +1,91 @@
+"""The handler registry's limits and how `run_attempt` reads a handler's ending, called
+directly (no runner, no database)."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import pytest
+
+from minibatch.errors import Fail, InvalidInput, Retry
+from minibatch.handlers import MAX_RETRY_AFTER_S, Handler, _delay, run_attempt
+from minibatch.models import Item, ItemError
+from minibatch.store import Claimed
+
+pytestmark = pytest.mark.anyio
+NOW = 1_000_000.0
+
+
+async def noop(item: Item) -> None:
+    return None
+
+
+@pytest.mark.parametrize("limits", [{"timeout": -1}, {"timeout": 0}, {"max_attempts": 0},
+                                    {"max_attempts": -2}, {"concurrency": -1}])
+def test_limits_that_are_not_positive_are_refused(limits):
+    with pytest.raises(InvalidInput):
+        Handler("k", noop, **{"concurrency": None, "timeout": None, "max_attempts": None,
+                              **limits})
+
+
+def test_the_smallest_positive_limits_are_accepted():
+    h = Handler("k", noop, concurrency=1, timeout=0.001, max_attempts=1)
+    assert (h.concurrency, h.timeout, h.max_attempts, h.is_async) == (1, 0.001, 1, True)
+    sync = Handler("s", lambda item: None, concurrency=None, timeout=None, max_attempts=None)
+    assert sync.concurrency == 4 and not sync.is_async and sync.limiter is not None
+
+
+@pytest.mark.parametrize(("after", "seconds"), [
+    (2, 2.0), (0.5, 0.5), (0, 0.0), (-3, 0.0), (1e9, MAX_RETRY_AFTER_S),
+    (True, None), ("5", None), (None, None), (math.nan, None), (math.inf, None)])
+def test_retry_after_is_a_finite_number_of_seconds_capped_at_a_day(after, seconds):
+    assert _delay(after) == seconds
+
+
+def claim(attempt: int = 1, max_attempts: int = 3) -> Claimed:
+    item = Item(id="item_1", batch_id="batch_1", entry_id=None, index=0, input=1,
+                metadata=None, attempt=attempt)
+    return Claimed(item, 1, 1, max_attempts, None, NOW, 7)
+
+
+async def attempt(fn, claimed: Claimed | None = None):
+    handler = Handler("k", fn, concurrency=None, timeout=None, max_attempts=None)
+    return await run_attempt(handler, claimed or claim(), None, lambda: NOW, (1.0, 60.0))
+
+
+def error_of(outcome) -> ItemError:
+    return msgspec.json.decode(outcome.error, type=ItemError)
+
+
+@pytest.mark.parametrize("value", [object(), 10 ** 5000, {(1, 2): 3}], ids=["object", "huge", "tuple-key"])
+async def test_an_output_that_is_not_json_fails_the_item_at_once(value):
+    async def returns(item):
+        return value
+
+    outcome = await attempt(returns)
+    assert outcome.status == "failed" and error_of(outcome).code == "output_not_json"
+    assert outcome.token == 7
+
+
+async def test_a_retry_with_a_bad_after_falls_back_to_the_backoff():
+    async def retry(item):
+        raise Retry(after="soon")
+
+    outcome = await attempt(retry)
+    assert outcome.status == "queued" and NOW + 0.8 <= outcome.run_at <= NOW + 1.2
+
+
+async def test_fail_ends_the_item_with_its_code_and_retry_after_is_honoured():
+    async def fail(item):
+        raise Fail("no", code="nope")
+
+    async def retry(item):
+        raise Retry(after=30)
+
+    failed = await attempt(fail)
+    assert failed.status == "failed" and error_of(failed) == ItemError("nope", "no")
+    retried = await attempt(retry)
+    assert retried.status == "queued" and retried.run_at == NOW + 30
+    last = await attempt(retry, claim(attempt=3, max_attempts=3))
+    assert last.status == "failed" and error_of(last).code == "retry"
