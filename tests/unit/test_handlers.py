@@ -58,7 +58,8 @@ def error_of(outcome) -> ItemError:
     return msgspec.json.decode(outcome.error, type=ItemError)
 
 
-@pytest.mark.parametrize("value", [object(), 10 ** 5000, {(1, 2): 3}], ids=["object", "huge", "tuple-key"])
+@pytest.mark.parametrize("value", [object(), 10 ** 5000, {(1, 2): 3}],
+                         ids=["object", "huge", "tuple-key"])
 async def test_an_output_that_is_not_json_fails_the_item_at_once(value):
     async def returns(item):
         return value
