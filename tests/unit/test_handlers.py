@@ -90,3 +90,50 @@ async def test_fail_ends_the_item_with_its_code_and_retry_after_is_honoured():
     assert retried.status == "queued" and retried.run_at == NOW + 30
     last = await attempt(retry, claim(attempt=3, max_attempts=3))
     assert last.status == "failed" and error_of(last).code == "retry"
+
+
+def test_default_concurrency_and_the_retry_after_cap():
+    assert Handler("a", noop, concurrency=None, timeout=None, max_attempts=None
+                   ).concurrency == 16
+    assert MAX_RETRY_AFTER_S == 86400.0
+
+
+async def timed(fn, timeout: float, claimed: Claimed | None = None):
+    handler = Handler("k", fn, concurrency=None, timeout=timeout, max_attempts=None)
+    return await run_attempt(handler, claimed or claim(), timeout, lambda: NOW, (1.0, 60.0))
+
+
+async def test_an_async_handler_past_its_timeout_is_interrupted_and_retried():
+    import anyio
+
+    async def slow(item):
+        await anyio.sleep(30)
+
+    outcome = await timed(slow, 0.01)
+    assert outcome.status == "queued" and error_of(outcome).code == "timeout"
+    assert NOW + 0.8 <= outcome.run_at <= NOW + 1.2
+
+
+async def test_a_sync_handler_that_ends_after_its_timeout_counts_as_timed_out():
+    """Its thread cannot be interrupted; it overran if it ended past the deadline."""
+    import time
+
+    def slow(item):
+        time.sleep(0.05)
+        return "late"
+
+    outcome = await timed(slow, 0.01)
+    assert outcome.status == "queued" and error_of(outcome).code == "timeout"
+    quick = await timed(lambda item: "ok", 30)
+    assert quick.status == "succeeded" and quick.output == b'"ok"'
+
+
+async def test_an_attempt_past_max_attempts_is_the_last_whatever_the_count():
+    async def boom(item):
+        raise ValueError("x")
+
+    for n in (3, 4):  # 4: the batch's max_attempts was lowered after attempts were made
+        outcome = await attempt(boom, claim(attempt=n, max_attempts=3))
+        assert outcome.status == "failed" and error_of(outcome).code == "exception", n
+    retried = await attempt(boom, claim(attempt=2, max_attempts=3))
+    assert retried.status == "queued"
