@@ -105,7 +105,7 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
                 value = await _call(handler, item)
             # A sync handler's thread cannot be interrupted: it overran if it ended late.
             if scope.cancelled_caught or scope.deadline < anyio.current_time():
-                return _failed(claimed, "timeout", f"the attempt ran past its {timeout} s",
+                return failed_attempt(claimed, "timeout", f"the attempt ran past its {timeout} s",
                                backoff(item.attempt, *backoff_s), now)
         try:
             output = models.encoder.encode(value)
@@ -120,10 +120,10 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
         return _end(claimed, "failed", None, error_bytes(exc.code, str(exc)))
     except Retry as exc:
         delay = _delay(exc.after) if exc.after is not None else None
-        return _failed(claimed, "retry", str(exc),
+        return failed_attempt(claimed, "retry", str(exc),
                        backoff(item.attempt, *backoff_s) if delay is None else delay, now)
     except Exception as exc:  # a handler's bug is the item's failure, never the runner's
-        return _failed(claimed, "exception", f"{type(exc).__name__}: {exc}",
+        return failed_attempt(claimed, "exception", f"{type(exc).__name__}: {exc}",
                        backoff(item.attempt, *backoff_s), now)
 
 
@@ -149,7 +149,7 @@ def _end(c: Claimed, status: str, output: bytes | None, error: bytes | None) -> 
     return Outcome(c.seq, c.batch_seq, c.token, status, output, error, 0.0)
 
 
-def _failed(c: Claimed, code: str, message: str, delay: float,
+def failed_attempt(c: Claimed, code: str, message: str, delay: float,
             now: Callable[[], float]) -> Outcome:
     """A failed attempt: queued again after `delay` while attempts are left."""
     error = error_bytes(code, message)

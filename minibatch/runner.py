@@ -19,9 +19,16 @@ import anyio
 
 from .config import Settings
 from .errors import StorageUnavailable
-from .handlers import Handler, Registry, backoff, cancelled_outcome, run_attempt
+from .handlers import (
+    Handler,
+    Registry,
+    backoff,
+    cancelled_outcome,
+    failed_attempt,
+    run_attempt,
+)
 from .metrics import Histogram
-from .store import Claimed, Outcome, Store, error_bytes
+from .store import Claimed, Outcome, Store
 
 log = logging.getLogger("minibatch.runner")
 STORAGE_RETRY_S = 1.0
@@ -239,14 +246,10 @@ class Runner:
     def _internal_error(self, claimed: Claimed, exc: Exception) -> Outcome:
         """The outcome of an attempt the runner itself broke: a failed attempt, retried
         after the usual backoff while attempts are left, as a handler's exception is."""
-        error = error_bytes("internal_error", f"minibatch failed while running this item:"
-                            f" {type(exc).__name__}: {exc}")
-        attempt = claimed.item.attempt
-        if attempt >= claimed.max_attempts:
-            return Outcome(claimed.seq, claimed.batch_seq, claimed.token, "failed", None,
-                           error, 0.0)
-        return Outcome(claimed.seq, claimed.batch_seq, claimed.token, "queued", None, error,
-                       self.now() + backoff(attempt, *self._backoff))
+        return failed_attempt(
+            claimed, "internal_error",
+            f"minibatch failed while running this item: {type(exc).__name__}: {exc}",
+            backoff(claimed.item.attempt, *self._backoff), self.now)
 
     async def _pause_after_error(self, loop: str) -> None:
         await pause_after_error(log, loop)
