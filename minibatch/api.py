@@ -258,7 +258,7 @@ class Api:
                 spec.kind, spec.items or (), webhook=spec.webhook, metadata=spec.metadata,
                 max_attempts=spec.max_attempts, item_timeout_s=spec.item_timeout_s,
                 concurrency=spec.concurrency, input_file_id=spec.input_file_id,
-                tenant=tenant, idempotency=idem)
+                expires_after_s=spec.expires_after_s, tenant=tenant, idempotency=idem)
             return json_response(batch, 201)
 
         return await self.idempotent(request, tenant, read, create)

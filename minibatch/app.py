@@ -106,22 +106,29 @@ class Minibatch:
         item_timeout_s: float | None = None,
         concurrency: int | None = None,
         input_file_id: str | None = None,
+        expires_after_s: float | None = None,
         tenant: str = DEFAULT_TENANT,
         idempotency: tuple | None = None,
+        dialect: str = "native",
+        dialect_data: dict | None = None,
     ) -> Batch:
         """Store a batch of `kind` and its items (dicts with `input`, optional `entry_id`,
         `metadata`; any iterable, read lazily in chunks). Raises InvalidInput and writes
-        nothing when the kind, an item, the webhook or a limit is bad."""
+        nothing when the kind, an item, the webhook or a limit is bad. Items not started
+        `expires_after_s` after now end `expired`."""
         handler = self.registry.require(kind)
         hook = _webhook(webhook)
         _check_metadata(metadata)
         _check_limits(max_attempts=max_attempts, item_timeout_s=item_timeout_s,
-                      concurrency=concurrency)
+                      concurrency=concurrency, expires_after_s=expires_after_s)
+        now = self.now()
         row = self.store.batch_insert(
-            tenant=tenant, kind=kind, items=items, now=self.now(), metadata=metadata,
+            tenant=tenant, kind=kind, items=items, now=now, metadata=metadata,
             webhook=hook, max_attempts=max_attempts or handler.max_attempts
             or self.settings.default_max_attempts, item_timeout_s=item_timeout_s,
-            concurrency=concurrency, input_file_id=input_file_id, idempotency=idempotency)
+            concurrency=concurrency, input_file_id=input_file_id, idempotency=idempotency,
+            expires_at=None if expires_after_s is None else now + expires_after_s,
+            dialect=dialect, dialect_data=dialect_data)
         if hook is not None:
             self.webhook_secret(tenant)  # deliveries are signed with the tenant's secret
         if self.runner is not None:

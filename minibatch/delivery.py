@@ -227,22 +227,23 @@ class Deliverer:
         self._flush()
         lease = self.settings.webhook_timeout_s + LEASE_MARGIN_S
         due = self.store.deliveries_claim(self.now(), room, lease)
-        keys_by_tenant: dict[str, tuple[str | None, list[bytes]]] = {}
+        # Signed with the tenant's secrets, or those of the webhook endpoint it goes to.
+        keys_of: dict[tuple[str, str | None], tuple[str | None, list[bytes]]] = {}
         for row in due:
-            tenant = row[2]
-            if tenant not in keys_by_tenant:
-                active = self.store.secrets_active(tenant, self.now())
-                keys_by_tenant[tenant] = (active[0][0] if active else None,
-                                          [signing.secret_key(s) for _, s in active])
+            owner = (row[2], row[9])
+            if owner not in keys_of:
+                active = self.store.secrets_active(owner[0], self.now(), owner[1])
+                keys_of[owner] = (active[0][0] if active else None,
+                                  [signing.secret_key(s) for _, s in active])
             self.in_flight += 1
-            self._sends.start_soon(self._send, row, *keys_by_tenant[tenant])
+            self._sends.start_soon(self._send, row, *keys_of[owner])
         return len(due)
 
     # -- one attempt ----------
 
     async def _send(self, row: tuple, secret_id: str | None, keys: list[bytes]) -> None:
         """One attempt; `keys` are the tenant's active signing keys, primary first."""
-        seq, msg_id, _tenant, url, payload, attempt_count, max_attempts, _batch, automatic = row
+        seq, msg_id, _, url, payload, attempt_count, max_attempts, _, automatic, _ = row
         attempt = attempt_count + 1
         started = time.perf_counter()
         try:

@@ -85,7 +85,7 @@ async def demo(workdir: Path, items: int) -> int:
             batch = (await client.post("/v1/batches", json=body)).raise_for_status().json()
             print(f"  submitted {batch['id']}: {items} sleep items")
             progress = BatchProgress()
-            while batch["status"] not in ("completed", "failed", "cancelled"):
+            while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
                 await anyio.sleep(0.1)
                 batch = (await client.get(batch["polling_url"])).raise_for_status().json()
                 progress.update(batch)

@@ -7,6 +7,8 @@ failing, so they stand outside that family. Imports nothing from the package.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MinibatchError(Exception):
     """Base of every error minibatch raises on purpose."""
@@ -79,8 +81,11 @@ class Retry(Exception):
 
 
 class Fail(Exception):
-    """Raised by a handler: fail this item now, with no further attempts."""
+    """Raised by a handler: fail this item now, with no further attempts. `output`, if
+    given, is kept as the failed item's output (say, the error response of an upstream)."""
 
-    def __init__(self, message: str = "failed by handler", code: str = "failed") -> None:
+    def __init__(self, message: str = "failed by handler", code: str = "failed",
+                 output: Any = None) -> None:
         super().__init__(message)
         self.code = code
+        self.output = output

@@ -38,7 +38,8 @@ class LineChecker:
         self.bad_lines = 0
 
     def check(self, lines: list[tuple[int, bytes]]) -> list[tuple]:
-        """(line, entry_id, input, metadata) for each good line; bad ones are recorded.
+        """(line, entry_id, input, metadata, url, problem) for each good line; bad ones
+        are recorded (url and problem are for dialects' files, None here).
 
         Input and metadata are decoded whole, so anything the runner could not decode
         (`1e400`, a 5,000-digit integer, invalid UTF-8) is refused here, at the door."""
@@ -59,7 +60,7 @@ class LineChecker:
             else:
                 if line.entry_id is not None:
                     self.seen.add(line.entry_id)
-                good.append((number, line.entry_id, item, meta))
+                good.append((number, line.entry_id, item, meta, None, None))
         return good
 
     def _error(self, line: int, message: str) -> None:
@@ -91,20 +92,24 @@ async def body_digest(data: bytes) -> bytes:
 
 
 async def store_file(store: Store, tenant: str, filename: str | None, data: bytes,
-                     now: float, idempotency: tuple[str, bytes, int, Any] | None = None
-                     ) -> models.FileObject:
+                     now: float, idempotency: tuple[str, bytes, int, Any] | None = None, *,
+                     checker: Any = None, purpose: str | None = None,
+                     expires_at: float | None = None, build: Any = None) -> Any:
     """Validate and store a JSONL file; InvalidInput (and nothing stored) on a bad line.
 
+    `checker` reads the lines (a native LineChecker by default; a dialect's keeps every
+    line and marks the bad ones, for the batch that uses the file to report); `purpose`,
+    `expires_at` and `build` (FileRow -> the dialect's file object) are a dialect's.
     Each chunk is validated in a worker thread and written on the loop in its own short
     transaction, so neither the parse nor the write holds the loop for long."""
-    checker = LineChecker()
+    checker = checker or LineChecker()
     chunks = numbered_chunks(data)
 
     def next_chunk() -> list[tuple] | None:
         lines = next(chunks, None)
         return None if lines is None else checker.check(lines)
 
-    file_id = store.file_begin(tenant, filename, len(data), now)
+    file_id = store.file_begin(tenant, filename, len(data), now, purpose, expires_at)
     written = 0
     try:
         while (good := await anyio.to_thread.run_sync(next_chunk)) is not None:
@@ -115,7 +120,7 @@ async def store_file(store: Store, tenant: str, filename: str | None, data: byte
             raise InvalidInput(
                 f"{checker.bad_lines} bad line(s) in the file (the first"
                 f" {len(checker.errors)} are listed)", checker.errors)
-        return store.file_finish(file_id, written, idempotency)
+        return store.file_finish(file_id, written, idempotency, build)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await discard(store, file_id)

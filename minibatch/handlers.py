@@ -117,7 +117,8 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
                 "output_not_json", f"output nests deeper than {models.MAX_NESTING} levels"))
         return _end(claimed, "succeeded", output, None)
     except Fail as exc:
-        return _end(claimed, "failed", None, error_bytes(exc.code, str(exc)))
+        return _end(claimed, "failed", _fail_output(exc.output),
+                    error_bytes(exc.code, str(exc)))
     except Retry as exc:
         delay = _delay(exc.after) if exc.after is not None else None
         return failed_attempt(claimed, "retry", str(exc),
@@ -125,6 +126,18 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
     except Exception as exc:  # a handler's bug is the item's failure, never the runner's
         return failed_attempt(claimed, "exception", f"{type(exc).__name__}: {exc}",
                        backoff(item.attempt, *backoff_s), now)
+
+
+def _fail_output(output: Any) -> bytes | None:
+    """A `Fail`'s output as stored JSON; one that cannot be encoded is dropped (the
+    failure itself is what matters)."""
+    if output is None:
+        return None
+    try:
+        encoded = models.encoder.encode(output)
+    except (TypeError, ValueError, msgspec.EncodeError, RecursionError):
+        return None
+    return None if models.too_deep(encoded) else encoded
 
 
 async def _call(handler: Handler, item: Any) -> Any:

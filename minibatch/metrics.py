@@ -35,7 +35,7 @@ class Histogram:
 def render(counts: dict[str, dict[str, int]], latency: Histogram) -> str:
     """The exposition text: items and deliveries by status, queue depth, item latency."""
     lines = ["# HELP minibatch_items Items by status.", "# TYPE minibatch_items gauge"]
-    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+    for status in ("queued", "running", "succeeded", "failed", "cancelled", "expired"):
         lines.append(f'minibatch_items{{status="{status}"}} {counts["items"].get(status, 0)}')
     lines += ["# HELP minibatch_deliveries Webhook deliveries by status.",
               "# TYPE minibatch_deliveries gauge"]

@@ -3,9 +3,9 @@
 The same Struct is what the store returns, what the Python API hands back, what the
 HTTP API encodes, what the OpenAPI document describes and what a webhook carries.
 
-Item states:   queued -> running -> succeeded | failed | cancelled
+Item states:   queued -> running -> succeeded | failed | cancelled | expired
                (a failed attempt with attempts left goes back to queued, later)
-Batch states:  queued -> running -> completed | failed
+Batch states:  queued -> running -> completed | failed | expired
                    \\--------\\----> cancelling -> cancelled
 A terminal state never changes again.
 """
@@ -18,16 +18,25 @@ from typing import Annotated, Any, Literal, overload
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-ItemStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-BatchStatus = Literal["queued", "running", "completed", "failed", "cancelling", "cancelled"]
+ItemStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+BatchStatus = Literal["queued", "running", "completed", "failed", "cancelling", "cancelled",
+                      "expired"]
+Dialect = Literal["native", "openai", "anthropic"]
 DeliveryStatus = Literal["pending", "succeeded", "failed"]
 EventType = Literal[
-    "batch.completed", "batch.failed", "batch.cancelled", "item.succeeded", "item.failed"
+    "batch.completed", "batch.failed", "batch.cancelled", "batch.expired", "item.succeeded",
+    "item.failed"
 ]
+BatchEventType = Literal["batch.completed", "batch.failed", "batch.cancelled", "batch.expired"]
 
-ITEM_TERMINAL = ("succeeded", "failed", "cancelled")
-BATCH_TERMINAL = ("completed", "failed", "cancelled")
-BATCH_EVENTS: tuple[str, ...] = ("batch.completed", "batch.failed", "batch.cancelled")
+ITEM_TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+BATCH_TERMINAL = ("completed", "failed", "cancelled", "expired")
+BATCH_EVENTS: tuple[str, ...] = ("batch.completed", "batch.failed", "batch.cancelled",
+                                 "batch.expired")
+# The same words for every dialect's batches (`Batch.lifecycle_status`).
+LIFECYCLE = {"queued": "pending", "running": "processing", "cancelling": "processing",
+             "completed": "completed", "failed": "failed", "cancelled": "cancelled",
+             "expired": "expired"}
 
 encoder = msgspec.json.Encoder()
 
@@ -69,7 +78,8 @@ MAX_ENTRY_ID_LENGTH = 256  # a caller's entry_id
 EntryId = Annotated[str, Meta(max_length=MAX_ENTRY_ID_LENGTH)]
 
 # Upper bounds on a batch's own limits (also keeps them inside SQLite's 64-bit integers).
-LIMITS = {"max_attempts": 100, "concurrency": 100_000, "item_timeout_s": 7 * 86400.0}
+LIMITS = {"max_attempts": 100, "concurrency": 100_000, "item_timeout_s": 7 * 86400.0,
+          "expires_after_s": 365 * 86400.0}
 
 
 @overload
@@ -93,6 +103,7 @@ class Metrics(Struct):
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
+    expired: int = 0
 
 
 class WebhookInfo(Struct):
@@ -131,6 +142,9 @@ class Batch(Struct, kw_only=True):
     completed_at: datetime | None = None
     duration_ms: int | None = None
     metadata: dict[str, Any] = {}
+    expires_at: datetime | None = None
+    dialect: Dialect = "native"
+    lifecycle_status: str = "pending"
     polling_url: str
     cancel_url: str | None
     results_url: str
@@ -211,6 +225,7 @@ class Delivery(Struct, kw_only=True):
     failure_detail: str | None
     created_at: datetime
     completed_at: datetime | None
+    endpoint_id: str | None = None  # a tenant's webhook endpoint, or the batch's own webhook
     attempts: list[Attempt] = []
 
 
@@ -262,6 +277,7 @@ class BatchCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: Annotated[int, Meta(ge=1, le=LIMITS["max_attempts"])] | None = None
     item_timeout_s: Annotated[float, Meta(gt=0, le=LIMITS["item_timeout_s"])] | None = None
     concurrency: Annotated[int, Meta(ge=1, le=LIMITS["concurrency"])] | None = None
+    expires_after_s: Annotated[float, Meta(gt=0, le=LIMITS["expires_after_s"])] | None = None
 
 
 MAX_OVERLAP_S = 7 * 86400.0  # the longest an old signing secret keeps signing

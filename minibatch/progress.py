@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-TERMINAL = ("completed", "failed", "cancelled")
+TERMINAL = ("completed", "failed", "cancelled", "expired")
 PLAIN_EVERY_S = 1.0
 
 
@@ -42,7 +42,7 @@ class BatchProgress:
 
     def update(self, batch: dict[str, Any]) -> None:
         m = batch["metrics"]
-        done = m["succeeded"] + m["failed"] + m["cancelled"]
+        done = m["succeeded"] + m["failed"] + m["cancelled"] + m.get("expired", 0)
         rate = done / max(time.monotonic() - self.started, 1e-6)
         if self.bar is not None:
             if self.task is None:

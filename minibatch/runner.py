@@ -1,5 +1,5 @@
 """The item loops: claimer (one per kind, sized to free slots), workers, completer,
-heartbeat, rescuer, and the WAL checkpointer.
+heartbeat, rescuer, expirer, and the WAL checkpointer.
 
 Items flow claimer -> per-kind deque -> worker tasks -> outcome list -> completer, which
 writes outcomes in groups, one transaction per group. No loop touches SQL directly; each
@@ -33,6 +33,7 @@ from .store import Claimed, Outcome, Store
 log = logging.getLogger("minibatch.runner")
 STORAGE_RETRY_S = 1.0
 CHECKPOINT_INTERVAL_S = 0.5
+EXPIRY_INTERVAL_S = 1.0  # how late, at most, a batch's expiry is seen
 # After an unexpected error in one pass of a loop: long enough that a fault that repeats
 # on every pass logs a couple of lines a second rather than spinning, short enough that
 # one that does not repeat costs nobody much.
@@ -111,6 +112,7 @@ class Runner:
         task_group.start_soon(self.completer)
         task_group.start_soon(self.heartbeat)
         task_group.start_soon(self.rescuer)
+        task_group.start_soon(self.expirer)
         task_group.start_soon(self.checkpointer)
 
     async def drain(self, grace_s: float) -> None:
@@ -322,6 +324,20 @@ class Runner:
         now = self.now()
         self.store.leases_extend(self.owner, now + self.settings.lease_s)
         return self.store.items_rescue(now, except_owner=self.owner)
+
+    async def expirer(self) -> None:
+        while True:
+            await anyio.sleep(EXPIRY_INTERVAL_S)
+            try:
+                self.expire_once()
+            except StorageUnavailable:
+                pass  # the next pass expires them
+            except Exception:
+                await self._pause_after_error("expirer")
+
+    def expire_once(self) -> int:
+        """End the items not started of batches past their `expires_at` (`expired`)."""
+        return len(self.store.batches_expire(self.now()))
 
     async def checkpointer(self) -> None:
         """Checkpoint the WAL in a worker thread, so no COMMIT on the loop does it:

@@ -15,11 +15,13 @@ from __future__ import annotations
 from .accounts import AccountQueries
 from .batches import BatchQueries
 from .deliveries import PUBLIC_STATUS, DeliveryQueries
+from .endpoints import EndpointQueries, EndpointRow
 from .interface import Store
 from .items import ItemQueries
 from .rows import (
     BatchRow,
     Claimed,
+    FileRow,
     Outcome,
     batch_struct,
     error_bytes,
@@ -30,21 +32,22 @@ from .rows import (
 from .schema import MIGRATIONS
 
 
-class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries):
+class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, EndpointQueries):
     """One SQLite database file (WAL) holding every batch, item, delivery and key."""
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Totals for /metrics: items by status, deliveries by status (all tenants)."""
         # The batch counters add up to the items by status, and are far fewer rows to read.
         sums = self._one("SELECT total(queued), total(running), total(succeeded),"
-                         " total(failed), total(cancelled) FROM batches")
-        items = dict(zip(("queued", "running", "succeeded", "failed", "cancelled"),
+                         " total(failed), total(cancelled), total(expired) FROM batches")
+        items = dict(zip(("queued", "running", "succeeded", "failed", "cancelled", "expired"),
                          map(int, sums), strict=True))
         deliveries = dict(self.conn.execute(
             f"SELECT {PUBLIC_STATUS} AS s, count(*) FROM deliveries GROUP BY s"))
         return {"items": items, "deliveries": deliveries}
 
 
-__all__ = ["MIGRATIONS", "BatchRow", "Claimed", "Outcome", "SqliteStore", "Store",
+__all__ = ["MIGRATIONS", "BatchRow", "Claimed", "EndpointRow", "FileRow", "Outcome",
+           "SqliteStore", "Store",
            "batch_struct",
            "error_bytes", "item_id", "new_id", "sanitize_url"]

@@ -6,12 +6,10 @@ from typing import Any
 
 import apsw
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, NotFound
 from ..models import FileObject, to_datetime
 from .base import StoreBase
-from .rows import (
-    new_id,
-)
+from .rows import FILE_COLS, BatchRow, FileRow, new_id
 
 
 class AccountQueries(StoreBase):
@@ -21,9 +19,10 @@ class AccountQueries(StoreBase):
         with self._tx() as cur:
             cur.execute("INSERT OR IGNORE INTO tenants VALUES (?,?)", (name, now))
             cur.execute("INSERT INTO api_keys VALUES (?,?,?)", (key_hash, name, now))
-            if self._one("SELECT 1 FROM secrets WHERE tenant=?", (name,)) is None:
-                cur.execute("INSERT INTO secrets VALUES (?,?,?,?,NULL)",
-                            (secret_id, name, secret, now))
+            if self._one("SELECT 1 FROM secrets WHERE tenant=? AND endpoint IS NULL",
+                         (name,)) is None:
+                cur.execute("INSERT INTO secrets (id, tenant, secret, created_at)"
+                            " VALUES (?,?,?,?)", (secret_id, name, secret, now))
 
     def tenant_exists(self, name: str) -> bool:
         return self._one("SELECT 1 FROM tenants WHERE name=?", (name,)) is not None
@@ -32,59 +31,74 @@ class AccountQueries(StoreBase):
         row = self._one("SELECT tenant FROM api_keys WHERE key_hash=?", (key_hash,))
         return row[0] if row else None
 
-    def secrets_active(self, tenant: str, now: float) -> list[tuple[str, str]]:
-        """(id, secret) pairs that sign now, the primary (newest) first."""
+    def secrets_active(self, tenant: str, now: float, endpoint: str | None = None
+                       ) -> list[tuple[str, str]]:
+        """(id, secret) pairs that sign now, the primary (newest) first: the tenant's own,
+        or those of one of its webhook `endpoint`s."""
         return self._all(
-            "SELECT id, secret FROM secrets WHERE tenant=? AND (expires_at IS NULL OR"
-            " expires_at > ?) ORDER BY created_at DESC, rowid DESC", (tenant, now))
+            "SELECT id, secret FROM secrets WHERE tenant=? AND endpoint IS ? AND"
+            " (expires_at IS NULL OR expires_at > ?) ORDER BY created_at DESC, rowid DESC",
+            (tenant, endpoint, now))
 
     def secret_rotate(self, tenant: str, secret_id: str, secret: str, overlap_s: float,
-                      now: float) -> tuple[str | None, float | None]:
+                      now: float, endpoint: str | None = None
+                      ) -> tuple[str | None, float | None]:
         """Make a new primary; the previous one keeps signing for `overlap_s`, and any
         older one still in its overlap stops now: at most two secrets ever sign, so
         rotating in a loop cannot grow the signature header or the cost of signing."""
         with self._tx() as cur:
-            active = self.secrets_active(tenant, now)
-            previous = active[0][0] if active else None
-            expires = now + overlap_s if previous else None
-            cur.execute("UPDATE secrets SET expires_at=? WHERE tenant=? AND id<>? AND"
-                        " (expires_at IS NULL OR expires_at > ?)", (now, tenant, previous, now))
-            cur.execute("UPDATE secrets SET expires_at=? WHERE id=?", (expires, previous))
-            cur.execute("INSERT INTO secrets VALUES (?,?,?,?,NULL)", (secret_id, tenant, secret,
-                                                                     now + 1e-6))
+            return self._secret_rotate(cur, tenant, secret_id, secret, overlap_s, now,
+                                       endpoint)
+
+    def _secret_rotate(self, cur: apsw.Cursor, tenant: str, secret_id: str, secret: str,
+                       overlap_s: float, now: float, endpoint: str | None
+                       ) -> tuple[str | None, float | None]:
+        active = self.secrets_active(tenant, now, endpoint)
+        previous = active[0][0] if active else None
+        expires = now + overlap_s if previous else None
+        cur.execute("UPDATE secrets SET expires_at=? WHERE tenant=? AND endpoint IS ? AND"
+                    " id IS NOT ? AND (expires_at IS NULL OR expires_at > ?)",
+                    (now, tenant, endpoint, previous, now))
+        cur.execute("UPDATE secrets SET expires_at=? WHERE id=?", (expires, previous))
+        cur.execute("INSERT INTO secrets (id, tenant, secret, created_at, endpoint)"
+                    " VALUES (?,?,?,?,?)", (secret_id, tenant, secret, now + 1e-6, endpoint))
         return previous, expires
 
     # -- files and idempotency ----------
 
-    def file_begin(self, tenant: str, filename: str | None, size: int, now: float) -> str:
-        """A new file row with no lines: invisible (no batch can use it) until finished."""
-        file_id = new_id("file")
+    def file_begin(self, tenant: str, filename: str | None, size: int, now: float,
+                   purpose: str | None = None, expires_at: float | None = None) -> str:
+        """A new file row, invisible (lines < 0: no batch can use it) until finished."""
+        file_id = new_id("file", "-" if purpose else "_")
         with self._tx() as cur:
-            cur.execute("INSERT INTO files VALUES (?,?,?,?,0,?)",
-                        (file_id, tenant, filename, size, now))
+            cur.execute("INSERT INTO files (id, tenant, filename, bytes, lines, created_at,"
+                        " purpose, expires_at) VALUES (?,?,?,?,-1,?,?,?)",
+                        (file_id, tenant, filename, size, now, purpose, expires_at))
         return file_id
 
     def file_lines_insert(self, file_id: str, lines: list[tuple]) -> None:
-        """Add (line, entry_id, input, metadata) rows to an unfinished file."""
+        """Add (line, entry_id, input, metadata, url, problem) rows to an unfinished file."""
         with self._tx() as cur:
-            cur.executemany("INSERT INTO file_lines VALUES (?,?,?,?,?)",
+            cur.executemany("INSERT INTO file_lines VALUES (?,?,?,?,?,?,?)",
                             [(file_id, *line) for line in lines])
 
     def file_finish(self, file_id: str, lines: int,
-                    idempotency: tuple[str, bytes, int, Any] | None = None) -> FileObject:
+                    idempotency: tuple[str, bytes, int, Any] | None = None,
+                    build: Any = None) -> Any:
         """Record the file's `lines` (written by `file_lines_insert`), which makes it
-        usable, and store its idempotency key in the same transaction. An empty file is
-        refused."""
-        if lines == 0:
+        usable, and store its idempotency key in the same transaction. Returns the native
+        FileObject, or `build(FileRow)` when given (a dialect's file object). A native file
+        with no lines is refused."""
+        if lines == 0 and build is None:
             raise InvalidInput("the file has no items", [{"line": 1, "message": "empty"}])
         with self._tx() as cur:
             cur.execute("UPDATE files SET lines=? WHERE id=?", (lines, file_id))
-            tenant, filename, size, created = self._one(
-                "SELECT tenant, filename, bytes, created_at FROM files WHERE id=?", (file_id,))
-            file = FileObject(id=file_id, bytes=size, lines=lines, filename=filename,
-                              created_at=to_datetime(created))
+            row = self._file_row(file_id)
+            file = build(row) if build is not None else FileObject(
+                id=file_id, bytes=row.bytes, lines=lines, filename=row.filename,
+                created_at=to_datetime(row.created_at))
             if idempotency is not None:
-                self._idempotency_put(cur, tenant, idempotency, file, created)
+                self._idempotency_put(cur, row.tenant, idempotency, file, row.created_at)
         return file
 
     def file_discard(self, file_id: str, chunk: int) -> bool:
@@ -96,8 +110,81 @@ class AccountQueries(StoreBase):
                         (file_id, chunk))
             if self.conn.changes() == chunk:
                 return True
-            cur.execute("DELETE FROM files WHERE id=? AND lines=0", (file_id,))
+            cur.execute("DELETE FROM files WHERE id=? AND lines<0", (file_id,))
             return False
+
+    def _file_row(self, file_id: str) -> FileRow:
+        return FileRow(*self._one(f"SELECT {FILE_COLS} FROM files WHERE id=?", (file_id,)))
+
+    def file_get(self, file_id: str, tenant: str) -> FileRow:
+        """A finished file of `tenant` (404 otherwise)."""
+        row = self._one(f"SELECT {FILE_COLS} FROM files WHERE id=? AND tenant=? AND lines>=0",
+                        (file_id, tenant))
+        if row is None:
+            raise NotFound(f"no file {file_id!r}")
+        return FileRow(*row)
+
+    def files_list(self, tenant: str, *, purpose: str | None, after: str | None, limit: int,
+                   newest_first: bool) -> tuple[list[FileRow], bool]:
+        """A page of a tenant's finished files with a purpose (the dialects' files)."""
+        where, args = ["tenant=?", "lines>=0", "purpose IS NOT NULL"], [tenant]
+        if purpose is not None:
+            where.append("purpose=?")
+            args.append(purpose)
+        if after is not None:
+            row = self._one("SELECT rowid FROM files WHERE id=? AND tenant=?", (after, tenant))
+            if row is None:
+                raise InvalidInput(f"unknown cursor {after!r}",
+                                   [{"field": "after", "message": "unknown cursor"}])
+            where.append("rowid<?" if newest_first else "rowid>?")
+            args.append(row[0])
+        order = "DESC" if newest_first else "ASC"
+        rows = self._all(f"SELECT {FILE_COLS} FROM files WHERE {' AND '.join(where)}"
+                         f" ORDER BY rowid {order} LIMIT ?", (*args, limit + 1))
+        return [FileRow(*r) for r in rows[:limit]], len(rows) > limit
+
+    def file_delete(self, file_id: str, tenant: str) -> None:
+        """Delete a finished file and its lines (batches made from it keep their items)."""
+        self.file_get(file_id, tenant)
+        with self._tx() as cur:
+            cur.execute("DELETE FROM file_lines WHERE file=?", (file_id,))
+            cur.execute("DELETE FROM files WHERE id=?", (file_id,))
+
+    def file_set_bytes(self, file_id: str, size: int) -> None:
+        """Record the measured size of a generated file."""
+        with self._tx() as cur:
+            cur.execute("UPDATE files SET bytes=? WHERE id=?", (size, file_id))
+
+    def file_lines_page(self, file_id: str, after: int, limit: int) -> list[tuple]:
+        """Stored lines (line, entry_id, input, metadata, url, problem) after line `after`."""
+        return self._all("SELECT line, entry_id, input, metadata, url, problem FROM file_lines"
+                         " WHERE file=? AND line>? ORDER BY line LIMIT ?",
+                         (file_id, after, limit))
+
+    def file_problems(self, file_id: str, url: str, limit: int) -> tuple[list[tuple], int]:
+        """Up to `limit` bad lines of a dialect's file, as (line, problem JSON or None for
+        a line whose url is not `url`), in line order; and how many there are in all."""
+        where = "file=? AND (problem IS NOT NULL OR url IS NOT ?)"
+        count = self._one(f"SELECT count(*) FROM file_lines WHERE {where}", (file_id, url))[0]
+        rows = self._all(f"SELECT line, problem FROM file_lines WHERE {where}"
+                         " ORDER BY line LIMIT ?", (file_id, url, limit))
+        return rows, count
+
+    def _output_files_insert(self, cur: apsw.Cursor, row: BatchRow, now: float) -> None:
+        """The output and error files of an ended batch of a dialect that has them: rows
+        only (their lines are the batch's items), each made only if it has a line."""
+        ended_badly = row.failed + row.cancelled + row.expired
+        for purpose, lines in (("batch_output", row.succeeded), ("batch_error", ended_badly)):
+            if lines:
+                cur.execute("INSERT INTO files (id, tenant, filename, bytes, lines, created_at,"
+                            " purpose, batch) VALUES (?,?,?,0,?,?,?,?)",
+                            (new_id("file", "-"), row.tenant,
+                             f"{row.id}_{purpose.removeprefix('batch_')}.jsonl", lines, now,
+                             purpose, row.seq))
+
+    def batch_files(self, batch_seq: int) -> dict[str, str]:
+        """The generated files of a batch: purpose -> file id."""
+        return dict(self._all("SELECT purpose, id FROM files WHERE batch=?", (batch_seq,)))
 
     def _idempotency_put(self, cur: apsw.Cursor, tenant: str,
                          idempotency: tuple[str, bytes, int, Any], created: Any,

@@ -10,7 +10,7 @@ import msgspec
 
 from .. import models
 from ..errors import Conflict, InvalidInput, NotFound
-from ..models import MAX_NESTING, Batch, DeliverySummary, Event, to_datetime, too_deep
+from ..models import MAX_NESTING, Batch, DeliverySummary, too_deep
 from .base import StoreBase
 from .rows import (
     BATCH_COLS,
@@ -19,6 +19,7 @@ from .rows import (
     batch_struct,
     encode,
     error_bytes,
+    event_payload,
     new_id,
 )
 
@@ -40,6 +41,9 @@ class BatchQueries(StoreBase):
         concurrency: int | None = None,
         input_file_id: str | None = None,
         idempotency: tuple[str, bytes, int, Any] | None = None,
+        expires_at: float | None = None,
+        dialect: str = "native",
+        dialect_data: dict | None = None,
     ) -> BatchRow:
         """Insert a batch and its items in one transaction, reading `items` in chunks.
 
@@ -56,9 +60,11 @@ class BatchQueries(StoreBase):
             cur.execute(
                 "INSERT INTO batches (id, tenant, kind, status, total, queued, created_at,"
                 " metadata, max_attempts, item_timeout_s, concurrency, webhook_url,"
-                " webhook_events) VALUES (?,?,?, 'queued', 0, 0, ?,?,?,?,?,?,?)",
+                " webhook_events, expires_at, dialect, dialect_data)"
+                " VALUES (?,?,?, 'queued', 0, 0, ?,?,?,?,?,?,?,?,?,?)",
                 (batch_id, tenant, kind, now, encode(metadata or {}), max_attempts,
-                 item_timeout_s, concurrency, webhook.url if webhook else None, events),
+                 item_timeout_s, concurrency, webhook.url if webhook else None, events,
+                 expires_at, dialect, None if dialect_data is None else encode(dialect_data)),
             )
             seq = self.conn.last_insert_rowid()
             if input_file_id is not None:
@@ -69,6 +75,26 @@ class BatchQueries(StoreBase):
                 raise InvalidInput("a batch needs at least one item",
                                    [{"field": "items", "message": "empty"}])
             cur.execute("UPDATE batches SET total=?, queued=? WHERE seq=?", (total, total, seq))
+            row = self._batch_row(seq)
+            if idempotency is not None:
+                self._idempotency_put(cur, tenant, idempotency, row, now)
+        return row
+
+    def batch_insert_refused(self, *, tenant: str, kind: str, now: float, metadata: dict | None,
+                             dialect: str, dialect_data: dict,
+                             idempotency: tuple[str, bytes, int, Any] | None = None
+                             ) -> BatchRow:
+        """A batch that ends `failed` as it is made, with no items (a dialect's file that
+        did not validate), and its end's events, in one transaction."""
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO batches (id, tenant, kind, status, total, queued, created_at,"
+                " metadata, max_attempts, dialect, dialect_data)"
+                " VALUES (?,?,?, 'queued', 0, 0, ?,?, 1, ?,?)",
+                (new_id("batch"), tenant, kind, now, encode(metadata or {}), dialect,
+                 encode(dialect_data)))
+            seq = self.conn.last_insert_rowid()
+            self._batch_finish_if_done(cur, seq, now)
             row = self._batch_row(seq)
             if idempotency is not None:
                 self._idempotency_put(cur, tenant, idempotency, row, now)
@@ -115,8 +141,8 @@ class BatchQueries(StoreBase):
 
     def _items_from_file(self, cur: apsw.Cursor, seq: int, kind: str, tenant: str,
                          file_id: str, now: float) -> int:
-        if self._one("SELECT 1 FROM files WHERE id=? AND tenant=? AND lines>0",
-                     (file_id, tenant)) is None:  # no lines: an upload not yet finished
+        if self._one("SELECT 1 FROM files WHERE id=? AND tenant=? AND lines>=0",
+                     (file_id, tenant)) is None:  # lines < 0: an upload not yet finished
             raise InvalidInput(f"no file {file_id!r}",
                                [{"field": "input_file_id", "message": "unknown file"}])
         cur.execute(
@@ -133,6 +159,10 @@ class BatchQueries(StoreBase):
         if row is None or (tenant is not None and row[2] != tenant):
             raise NotFound(f"no batch {batch_id!r}")
         return BatchRow(*row)
+
+    def batch_row(self, batch_id: str, tenant: str | None) -> BatchRow:
+        """The batch's row, for a dialect to render in its own shape (404 if not found)."""
+        return self._batch_row_by_id(batch_id, tenant)
 
     def batch_get(self, batch_id: str, tenant: str | None = None) -> Batch:
         """The batch with its delivery summary (the polling_url's answer)."""
@@ -182,7 +212,8 @@ class BatchQueries(StoreBase):
             if row.status in models.BATCH_TERMINAL:
                 raise Conflict(f"batch {batch_id} is already {row.status}")
             if row.status != "cancelling":
-                cur.execute("UPDATE batches SET status='cancelling' WHERE seq=?", (row.seq,))
+                cur.execute("UPDATE batches SET status='cancelling', cancel_requested_at=?"
+                            " WHERE seq=?", (now, row.seq))
                 self._cancel_queued(cur, row.seq, now)
         return self.batch_get(batch_id, tenant), row.seq
 
@@ -191,6 +222,26 @@ class BatchQueries(StoreBase):
                     (batch_seq,))
         n = self.conn.changes()
         cur.execute("UPDATE batches SET queued=queued-?, cancelled=cancelled+? WHERE seq=?",
+                    (n, n, batch_seq))
+        self._batch_finish_if_done(cur, batch_seq, now)
+
+    def batches_expire(self, now: float) -> list[int]:
+        """Batches whose `expires_at` has passed: their items not started end `expired`;
+        the batch ends `expired` once its running items finish. Returns their seqs."""
+        with self._tx() as cur:
+            seqs = [r[0] for r in self._all(
+                "SELECT seq FROM batches WHERE completed_at IS NULL AND expires_at<=?"
+                " AND NOT expiring AND status<>'cancelling'", (now,))]
+            for seq in seqs:
+                cur.execute("UPDATE batches SET expiring=1 WHERE seq=?", (seq,))
+                self._expire_queued(cur, seq, now)
+        return seqs
+
+    def _expire_queued(self, cur: apsw.Cursor, batch_seq: int, now: float) -> None:
+        cur.execute("UPDATE items SET status='expired' WHERE batch=? AND status='queued'",
+                    (batch_seq,))
+        n = self.conn.changes()
+        cur.execute("UPDATE batches SET queued=queued-?, expired=expired+? WHERE seq=?",
                     (n, n, batch_seq))
         self._batch_finish_if_done(cur, batch_seq, now)
 
@@ -218,14 +269,23 @@ class BatchQueries(StoreBase):
             return
         if row.status == "cancelling":
             status = "cancelled"
+        elif row.expiring:
+            status = "expired"
         else:
             status = "completed" if row.succeeded else "failed"
         cur.execute("UPDATE batches SET status=?, completed_at=? WHERE seq=?", (status, now, seq))
-        event = f"batch.{status}"
+        ended = self._batch_row(seq)
+        if ended.dialect == "openai":
+            self._output_files_insert(cur, ended, now)
+        event = ended.event_type()
+        payload = None
         if row.webhook_url and not row.webhook_gone and event in row.events():
-            data = batch_struct(self._batch_row(seq))
-            self._delivery_insert(cur, row, event, encode(Event(event, to_datetime(now), data)),
-                                  now)
+            payload = event_payload(ended, event, now)
+            self._delivery_insert(cur, row, event, payload, now)
+        for endpoint_id, url in self._endpoints_for(ended.tenant, event):
+            # one event, one frozen body, wherever it goes
+            payload = payload or event_payload(ended, event, now)
+            self._delivery_insert(cur, row, event, payload, now, url=url, endpoint=endpoint_id)
 
     def batch_seq(self, batch_id: str, tenant: str | None) -> int:
         return self._batch_row_by_id(batch_id, tenant).seq

@@ -24,12 +24,16 @@ PUBLIC_STATUS = "CASE status WHEN 'sending' THEN 'pending' ELSE status END"
 
 class DeliveryQueries(StoreBase):
     def _delivery_insert(self, cur: apsw.Cursor, row: BatchRow, event: str, payload: bytes,
-                         now: float) -> None:
+                         now: float, *, url: str | None = None,
+                         endpoint: str | None = None) -> None:
+        """A delivery of `payload` to the batch's own webhook, or to `url`, a tenant's
+        webhook `endpoint`."""
         cur.execute(
             "INSERT INTO deliveries (id, batch, tenant, event, url, payload, status,"
-            " max_attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,?, 'pending', ?,?,?)",
-            (new_id("msg"), row.seq, row.tenant, event, row.webhook_url, payload,
-             self.webhook_attempts, now + self.webhook_first_delay, now))
+            " max_attempts, next_attempt_at, created_at, endpoint)"
+            " VALUES (?,?,?,?,?,?, 'pending', ?,?,?,?)",
+            (new_id("msg"), row.seq, row.tenant, event, url or row.webhook_url, payload,
+             self.webhook_attempts, now + self.webhook_first_delay, now, endpoint))
 
     def deliveries_claim(self, now: float, limit: int, lease_s: float) -> list[tuple]:
         """Due deliveries, marked 'sending' and leased by pushing `next_attempt_at` past
@@ -41,7 +45,7 @@ class DeliveryQueries(StoreBase):
                 " (SELECT seq FROM deliveries WHERE status IN ('pending', 'sending')"
                 " AND next_attempt_at<=? ORDER BY next_attempt_at LIMIT ?)"
                 " RETURNING seq, id, tenant, url, payload, attempt_count, max_attempts, batch,"
-                " is_automatic", (now + lease_s, now, limit)).fetchall()
+                " is_automatic, endpoint", (now + lease_s, now, limit)).fetchall()
 
     def deliveries_record(self, records: list) -> None:
         """Record attempts (delivery.AttemptRecord) and what follows each: done, failed,
@@ -135,7 +139,7 @@ class DeliveryQueries(StoreBase):
             "SELECT d.seq, d.id, b.id, event, url, payload,"
             " CASE d.status WHEN 'sending' THEN 'pending' ELSE d.status END, is_automatic,"
             " signing_secret_id, attempt_count, d.max_attempts, next_attempt_at,"
-            " failure_reason_code, failure_detail, d.created_at, d.completed_at"
+            " failure_reason_code, failure_detail, d.created_at, d.completed_at, d.endpoint"
             f" FROM deliveries d JOIN batches b ON b.seq=d.batch WHERE {where}"
             " ORDER BY d.seq LIMIT ?", (*args, limit))
         # All their attempts in one query, not one query per delivery.
@@ -158,7 +162,7 @@ class DeliveryQueries(StoreBase):
             next_attempt_at=to_datetime(r[11]) if r[6] == "pending" else None,
             failure_reason_code=r[12], failure_detail=r[13],
             created_at=to_datetime(r[14]), completed_at=to_datetime(r[15]),
-            attempts=attempts_of[r[0]]) for r in rows]
+            endpoint_id=r[16], attempts=attempts_of[r[0]]) for r in rows]
 
     def deliveries_pending_count(self) -> int:
         return self._one("SELECT count(*) FROM deliveries"

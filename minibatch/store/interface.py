@@ -14,8 +14,9 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from .. import models
-from ..models import Batch, Delivery, FileObject, ItemRecord
-from .rows import BatchRow, Claimed, Outcome
+from ..models import Batch, Delivery, ItemRecord
+from .endpoints import EndpointRow
+from .rows import BatchRow, Claimed, FileRow, Outcome
 
 Idempotency = tuple[str, bytes, int, Any]  # (key, body hash, status, response builder)
 
@@ -27,10 +28,19 @@ class Store(Protocol):
                      metadata: dict | None = None, webhook: models.WebhookIn | None = None,
                      max_attempts: int, item_timeout_s: float | None = None,
                      concurrency: int | None = None, input_file_id: str | None = None,
-                     idempotency: Idempotency | None = None) -> BatchRow:
+                     idempotency: Idempotency | None = None, expires_at: float | None = None,
+                     dialect: str = "native", dialect_data: dict | None = None) -> BatchRow:
         """A batch and its items (read lazily in chunks) in one transaction; InvalidInput
         and nothing written if any item is bad."""
         ...
+
+    def batch_insert_refused(self, *, tenant: str, kind: str, now: float,
+                             metadata: dict | None, dialect: str, dialect_data: dict,
+                             idempotency: Idempotency | None = None) -> BatchRow:
+        """A batch that ends `failed` as it is made, with no items, and its events."""
+        ...
+
+    def batch_row(self, batch_id: str, tenant: str | None) -> BatchRow: ...
 
     def batch_get(self, batch_id: str, tenant: str | None = None) -> Batch: ...
     def batch_seq(self, batch_id: str, tenant: str | None) -> int: ...
@@ -47,6 +57,10 @@ class Store(Protocol):
         ...
 
     def batches_cancelling(self, seqs: Iterable[int]) -> list[int]: ...
+
+    def batches_expire(self, now: float) -> list[int]:
+        """Expire the items not started of batches past their `expires_at`."""
+        ...
 
     def batches_fail_unknown_kinds(self, kinds: Iterable[str], now: float) -> list[str]:
         """Fail the queued items of open batches whose kind is not in `kinds`."""
@@ -103,23 +117,55 @@ class Store(Protocol):
     def tenant_exists(self, name: str) -> bool: ...
     def tenant_by_key(self, key_hash: bytes) -> str | None: ...
 
-    def secrets_active(self, tenant: str, now: float) -> list[tuple[str, str]]:
-        """(id, secret) pairs that sign now, the primary first."""
+    def secrets_active(self, tenant: str, now: float, endpoint: str | None = None
+                       ) -> list[tuple[str, str]]:
+        """(id, secret) pairs that sign now, the primary first: the tenant's, or those of
+        one of its webhook endpoints."""
         ...
 
     def secret_rotate(self, tenant: str, secret_id: str, secret: str, overlap_s: float,
-                      now: float) -> tuple[str | None, float | None]: ...
+                      now: float, endpoint: str | None = None
+                      ) -> tuple[str | None, float | None]: ...
+
+    # -- webhook endpoints ----------
+
+    def endpoint_create(self, tenant: str, name: str, url: str, event_types: list[str],
+                        secret_id: str, secret: str, now: float) -> EndpointRow: ...
+    def endpoint_get(self, endpoint_id: str, tenant: str) -> EndpointRow: ...
+    def endpoints_list(self, tenant: str, *, after: str | None, limit: int
+                       ) -> tuple[list[EndpointRow], bool]: ...
+    def endpoint_update(self, endpoint_id: str, tenant: str, now: float, *,
+                        name: str | None = None, url: str | None = None,
+                        event_types: list[str] | None = None) -> EndpointRow: ...
+    def endpoint_delete(self, endpoint_id: str, tenant: str) -> None: ...
+    def endpoint_rotate(self, endpoint_id: str, tenant: str, secret_id: str, secret: str,
+                        overlap_s: float, now: float) -> EndpointRow: ...
 
     # -- files and idempotency ----------
 
-    def file_begin(self, tenant: str, filename: str | None, size: int, now: float) -> str:
+    def file_begin(self, tenant: str, filename: str | None, size: int, now: float,
+                   purpose: str | None = None, expires_at: float | None = None) -> str:
         """A new file, invisible until `file_finish`."""
         ...
 
     def file_lines_insert(self, file_id: str, lines: list[tuple]) -> None: ...
 
-    def file_finish(self, file_id: str, lines: int,
-                    idempotency: Idempotency | None = None) -> FileObject: ...
+    def file_finish(self, file_id: str, lines: int, idempotency: Idempotency | None = None,
+                    build: Any = None) -> Any: ...
+
+    def file_get(self, file_id: str, tenant: str) -> FileRow: ...
+    def files_list(self, tenant: str, *, purpose: str | None, after: str | None, limit: int,
+                   newest_first: bool) -> tuple[list[FileRow], bool]: ...
+    def file_delete(self, file_id: str, tenant: str) -> None: ...
+    def file_set_bytes(self, file_id: str, size: int) -> None: ...
+    def file_lines_page(self, file_id: str, after: int, limit: int) -> list[tuple]: ...
+
+    def file_problems(self, file_id: str, url: str, limit: int) -> tuple[list[tuple], int]:
+        """Bad lines of a dialect's file (problem, or a url other than `url`), and their
+        count."""
+        ...
+
+    def batch_files(self, batch_seq: int) -> dict[str, str]: ...
 
     def file_discard(self, file_id: str, chunk: int) -> bool:
         """Delete up to `chunk` lines of an unfinished file; True while lines remain."""

@@ -201,9 +201,12 @@ class ItemQueries(StoreBase):
                 "UPDATE batches SET running=running-?, queued=queued+?, succeeded=succeeded+?,"
                 " failed=failed+?, cancelled=cancelled+? WHERE seq=?",
                 (sum(d.values()), d["queued"], d["succeeded"], d["failed"], d["cancelled"], b))
-            if d["queued"] and self._one("SELECT status FROM batches WHERE seq=?",
-                                         (b,))[0] == "cancelling":
+            status, expiring = (self._one("SELECT status, expiring FROM batches WHERE seq=?",
+                                          (b,)) if d["queued"] else (None, 0))
+            if status == "cancelling":
                 self._cancel_queued(cur, b, now)  # a retry in a cancelled batch ends here
+            elif expiring:
+                self._expire_queued(cur, b, now)  # and one in an expired batch here
             else:
                 self._batch_finish_if_done(cur, b, now)
 
@@ -273,7 +276,7 @@ class ItemQueries(StoreBase):
         """Raw result rows (idx, seq, entry_id, status, output, error, attempts) after `after`."""
         return self.conn.execute(
             "SELECT idx, seq, entry_id, status, output, error, attempts FROM items"
-            " WHERE batch=? AND idx>? AND status IN ('succeeded','failed','cancelled')"
+            " WHERE batch=? AND idx>? AND status IN ('succeeded','failed','cancelled','expired')"
             " ORDER BY idx LIMIT ?", (batch_seq, after, limit)).fetchall()
 
 

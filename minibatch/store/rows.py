@@ -17,7 +17,8 @@ ERROR_MESSAGE_CAP = 2000
 BATCH_COLS = (
     "seq, id, tenant, kind, status, total, queued, running, succeeded, failed, cancelled, "
     "created_at, started_at, completed_at, metadata, max_attempts, item_timeout_s, "
-    "concurrency, webhook_url, webhook_events, webhook_gone"
+    "concurrency, webhook_url, webhook_events, webhook_gone, expired, expires_at, expiring, "
+    "cancel_requested_at, dialect, dialect_data"
 )
 decode = msgspec.json.decode
 encode = models.encoder.encode
@@ -51,9 +52,42 @@ class BatchRow(NamedTuple):
     webhook_url: str | None
     webhook_events: str | None
     webhook_gone: int
+    expired: int
+    expires_at: float | None
+    expiring: int
+    cancel_requested_at: float | None
+    dialect: models.Dialect
+    dialect_data: bytes | None
 
     def events(self) -> list[models.EventType]:
         return decode(self.webhook_events) if self.webhook_events else []
+
+    def data(self) -> dict[str, Any]:
+        """What only the batch's dialect shows (its endpoint, window, errors, ...)."""
+        return decode(self.dialect_data) if self.dialect_data else {}
+
+    def event_type(self) -> str:
+        """The type of the event this (terminal) batch's end sends, in its dialect's words:
+        an OpenAI batch whose requests all failed is `completed` there, and `failed` is a
+        batch whose file did not validate."""
+        if self.dialect == "openai" and self.status == "failed" and self.total:
+            return "batch.completed"
+        return f"batch.{self.status}"
+
+
+class FileRow(NamedTuple):
+    id: str
+    tenant: str
+    filename: str | None
+    bytes: int  # 0 for a generated file not yet measured
+    lines: int
+    created_at: float
+    purpose: str | None
+    batch: int | None  # the batch a generated file belongs to
+    expires_at: float | None
+
+
+FILE_COLS = "id, tenant, filename, bytes, lines, created_at, purpose, batch, expires_at"
 
 
 class Claimed(NamedTuple):
@@ -80,8 +114,8 @@ class Outcome(NamedTuple):
     run_at: float  # for a retry
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{pysecrets.token_hex(12)}"
+def new_id(prefix: str, sep: str = "_") -> str:
+    return f"{prefix}{sep}{pysecrets.token_hex(12)}"
 
 
 def item_id(seq: int) -> str:
@@ -160,6 +194,15 @@ def raw_text(raw: Any) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
+def event_payload(row: BatchRow, event: str, now: float) -> bytes:
+    """The frozen body of a batch event, in the shape of the batch's dialect: OpenAI's
+    `{id: evt_…, object: event, type, created_at, data: {id}}`, or ours, the batch whole."""
+    if row.dialect == "openai":
+        return encode({"id": new_id("evt"), "object": "event", "type": event,
+                       "created_at": int(now), "data": {"id": row.id}})
+    return encode(models.Event(event, to_datetime(now), batch_struct(row)))
+
+
 def batch_struct(row: BatchRow) -> Batch:
     """A batch row as the public Batch object (without its delivery summary)."""
     path = f"/v1/batches/{row.id}"
@@ -173,9 +216,11 @@ def batch_struct(row: BatchRow) -> Batch:
     return Batch(
         id=row.id, kind=row.kind, status=row.status,
         metrics=Metrics(row.total, row.queued, row.running, row.succeeded, row.failed,
-                        row.cancelled),
+                        row.cancelled, row.expired),
         created_at=to_datetime(row.created_at), started_at=to_datetime(row.started_at),
         completed_at=to_datetime(row.completed_at), duration_ms=duration,
         metadata=decode(row.metadata) if row.metadata else {},
+        expires_at=to_datetime(row.expires_at), dialect=row.dialect,
+        lifecycle_status=models.LIFECYCLE[row.status],
         polling_url=path, cancel_url=None if terminal else f"{path}/cancel",
         results_url=f"{path}/results", webhook=webhook)

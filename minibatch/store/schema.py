@@ -131,4 +131,42 @@ MIGRATIONS: list[str] = [
     CREATE INDEX items_due ON items(batch, run_at) WHERE status = 'queued';
     ALTER TABLE batches ADD COLUMN claim_turn INTEGER;
     """,
+    # 6: expiry, dialects, purposes of files, tenant-level webhook endpoints.
+    # `expired` counts items that ended expired; `expires_at` is when a batch's items not
+    # yet started expire; `expiring` marks a batch past it whose running items finish
+    # first. `dialect` is the API that made the batch and `dialect_data` what only that
+    # dialect shows (JSON). A file's `purpose` is a dialect's word (NULL for native files);
+    # `batch` names the batch a generated (output or error) file belongs to. A line of an
+    # OpenAI batch file keeps its `url` and, when it is not a valid request line, its
+    # `problem` ({code, message, param}), found at upload and reported when a batch uses
+    # the file. Endpoint secrets are rows of `secrets` with their `endpoint`.
+    """
+    ALTER TABLE batches ADD COLUMN expired INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN expires_at REAL;
+    ALTER TABLE batches ADD COLUMN expiring INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN cancel_requested_at REAL;
+    ALTER TABLE batches ADD COLUMN dialect TEXT NOT NULL DEFAULT 'native';
+    ALTER TABLE batches ADD COLUMN dialect_data BLOB;
+    CREATE INDEX batches_expiry ON batches(expires_at)
+        WHERE completed_at IS NULL AND expires_at IS NOT NULL;
+    ALTER TABLE files ADD COLUMN purpose TEXT;
+    ALTER TABLE files ADD COLUMN batch INTEGER;
+    ALTER TABLE files ADD COLUMN expires_at REAL;
+    CREATE INDEX files_tenant ON files(tenant, created_at);
+    ALTER TABLE file_lines ADD COLUMN url TEXT;
+    ALTER TABLE file_lines ADD COLUMN problem BLOB;
+    CREATE TABLE webhook_endpoints (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        url TEXT NOT NULL,
+        event_types TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX webhook_endpoints_tenant ON webhook_endpoints(tenant, seq);
+    ALTER TABLE secrets ADD COLUMN endpoint TEXT;
+    ALTER TABLE deliveries ADD COLUMN endpoint TEXT;
+    """,
 ]

@@ -231,3 +231,54 @@ def test_a_delivery_left_sending_by_a_dead_process_is_due_again_after_its_lease(
     [again] = store.deliveries_claim(T0 + 20, 10, lease_s=20)  # that process is gone
     assert again[1] == claimed[1] and again[5] == 0  # the same delivery, no attempt recorded
     store.close()
+
+
+# -- expiry ----------
+
+
+async def test_expiry_ends_items_not_started_and_the_batch_once_running_ones_finish(db_path):
+    """`expires_after_s`: at its time, queued items end `expired` at once, a running one
+    finishes (its outcome counts), and the batch ends `expired` with metrics that add up;
+    a retry that comes back to the queue after the expiry ends `expired` too."""
+    clock = [T0]
+    store, here, _, pool, _, other = two_runners(db_path, clock)
+    store.batch_cancel(other, None, clock[0])  # only the batch below has items to claim
+    row = store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(4)],
+                             now=clock[0], max_attempts=3, expires_at=T0 + 60,
+                             webhook=minibatch.models.WebhookIn("http://127.0.0.1:9/h"))
+    here.claim_once(pool)  # four items claimed: two will finish, one retries, one runs on
+    first, second, third, fourth = [pool.ready.popleft() for _ in range(4)]
+    store.items_finish([Outcome(first.seq, first.batch_seq, first.token, "succeeded", b"1",
+                                None, 0.0)], here.owner, clock[0])
+    store.items_release(here.owner, clock[0])  # the other three go back, not started
+    batch = store.batch_get(row.id)
+    assert (batch.metrics.queued, batch.metrics.succeeded) == (3, 1)
+
+    clock[0] = T0 + 59.9
+    assert here.expire_once() == 0  # not yet
+    pool.in_flight = 0  # the items were handed back above, not through a worker
+    here.claim_once(pool)
+    running = [pool.ready.popleft() for _ in range(3)]
+    store.items_finish([Outcome(running[0].seq, running[0].batch_seq, running[0].token,
+                                "queued", None, b'{"code":"x","message":"y"}', T0 + 61)],
+                       here.owner, clock[0])
+    clock[0] = T0 + 60
+    assert here.expire_once() == 1
+    batch = store.batch_get(row.id)
+    assert batch.status == "running"  # two items still run
+    assert (batch.metrics.expired, batch.metrics.running) == (1, 2)
+    assert here.expire_once() == 0  # once
+    store.items_finish([Outcome(running[1].seq, running[1].batch_seq, running[1].token,
+                                "succeeded", b"2", None, 0.0),
+                        Outcome(running[2].seq, running[2].batch_seq, running[2].token,
+                                "queued", None, b'{"code":"x","message":"y"}', T0 + 99)],
+                       here.owner, clock[0])
+    batch = store.batch_get(row.id)
+    assert batch.status == "expired" and batch.lifecycle_status == "expired"
+    m = batch.metrics
+    assert (m.succeeded, m.expired, m.queued, m.running) == (2, 2, 0, 0)
+    assert m.total == m.queued + m.running + m.succeeded + m.failed + m.cancelled + m.expired
+    assert [i.status for i in items_of(store, row.id)].count("expired") == 2
+    events = [d.event for d in store.deliveries_page(row.seq, limit=10, after=None)[0]]
+    assert events == ["batch.expired"]
+    del second, third, fourth
