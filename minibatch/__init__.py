@@ -8,6 +8,7 @@ from .app import Minibatch, run_batch
 from .errors import Fail, InvalidInput, MinibatchError, NotFound, Retry
 from .handlers import handler
 from .models import Batch, Delivery, Item, Metrics, Result
+from .upstream import openai_handler
 
 __all__ = [
     "Batch",
@@ -22,5 +23,6 @@ __all__ = [
     "Result",
     "Retry",
     "handler",
+    "openai_handler",
     "run_batch",
 ]

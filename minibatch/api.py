@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from . import metrics, models, openapi
 from .auth import Authenticator, Idempotency
@@ -43,6 +43,7 @@ from .models import (
     RotateSecret,
     SecretRotated,
 )
+from .openai_api import create_openai_app
 from .store import BatchRow, batch_struct, item_id
 
 if TYPE_CHECKING:
@@ -166,12 +167,15 @@ class Api:
 
     async def idempotent(self, request: Request, tenant: str,
                          read: Callable[[], Awaitable[tuple[bytes, Any]]],
-                         create: Callable[[tuple | None, Any], Awaitable[Response]]
+                         create: Callable[[tuple | None, Any], Awaitable[Response]],
+                         status: int = 201, build: Callable[[Any], bytes] | None = None
                          ) -> Response:
         """`read` the request, then `create` what it asks for, under the request's
         Idempotency-Key if it has one. `read` returns (the bytes the key covers, what
         `create` needs). The key is in flight from before the body is read, so a second
-        request with it is a 409 however slowly the first one's body arrives."""
+        request with it is a 409 however slowly the first one's body arrives. A replay
+        answers `status` with the body `build` made of what was created (a dialect's own
+        shape; ours by default)."""
         key = request.headers.get("idempotency-key")
         if key is None:
             return await create(None, (await read())[1])
@@ -183,7 +187,7 @@ class Api:
             if stored is not None:
                 return Response(stored[2], status_code=stored[1], media_type=JSON,
                                 headers={"idempotent-replayed": "true"})
-            return await create((key, body_hash, 201, _encode_created), prepared)
+            return await create((key, body_hash, status, build or _encode_created), prepared)
         finally:
             self.idempotency.end(tenant, key)
 
@@ -431,7 +435,9 @@ def _endpoint(api: Api, endpoint: Endpoint) -> Callable[[Request], Awaitable[Res
 
 def create_app(mb: Minibatch) -> Starlette:
     api = Api(mb)
-    routes = [Route(e.path, _endpoint(api, e), methods=[e.method]) for e in ENDPOINTS]
+    routes: list[BaseRoute] = [Route(e.path, _endpoint(api, e), methods=[e.method])
+                               for e in ENDPOINTS]
+    routes.append(Mount("/openai/v1", app=create_openai_app(api)))
     return Starlette(routes=routes, exception_handlers={
         MinibatchError: _problem_handler, HTTPException: _problem_handler,
         ClientDisconnect: _client_gone, Exception: _server_error})

@@ -17,14 +17,15 @@ import msgspec
 from . import models, signing
 from .auth import IDEMPOTENCY_WINDOW_S
 from .config import make_settings
-from .delivery import Deliverer
-from .errors import InvalidInput
+from .delivery import Deliverer, literal_blocked
+from .errors import BadRequest, InvalidInput
 from .files import store_file
 from .handlers import Registry
 from .metrics import Histogram
 from .models import Batch, ItemError, Result
 from .runner import Runner
-from .store import SqliteStore, Store, item_id, new_id
+from .store import EndpointRow, SqliteStore, Store, item_id, new_id
+from .upstream import as_request_handler, openai_kind, register_upstream
 
 DEFAULT_TENANT = "default"
 RESULTS_PAGE = 1000
@@ -49,6 +50,7 @@ class Minibatch:
         self.deliverer: Deliverer | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._on_close: list[Callable[[], Awaitable[None]]] = []
+        register_upstream(self)  # with `openai_upstream` set, it runs the OpenAI endpoints
 
     # -- handlers and lifecycle ----------
 
@@ -57,6 +59,19 @@ class Minibatch:
         """Register the decorated function (async, or sync to run in a thread) for `kind`."""
         def register(fn: Callable) -> Callable:
             self.registry.register(kind, fn, concurrency=concurrency, timeout=timeout,
+                                   max_attempts=max_attempts)
+            return fn
+        return register
+
+    def openai_handler(self, endpoint: str, *, concurrency: int | None = None,
+                       timeout: float | None = None, max_attempts: int | None = None
+                       ) -> Callable:
+        """Register the decorated function to run the requests of OpenAI batches of
+        `endpoint` (e.g. "/v1/chat/completions"): it gets an Item whose input is a line's
+        body and returns the response body (status 200), or raises Fail/Retry."""
+        def register(fn: Callable) -> Callable:
+            self.registry.register(openai_kind(endpoint), as_request_handler(fn),
+                                   concurrency=concurrency, timeout=timeout,
                                    max_attempts=max_attempts)
             return fn
         return register
@@ -201,6 +216,64 @@ class Minibatch:
         previous, expires = self.store.secret_rotate(tenant, secret_id, secret, overlap_s,
                                                      self.now())
         return models.SecretRotated(secret_id, secret, previous, models.to_datetime(expires))
+
+    # -- webhook endpoints (tenant level) ----------
+
+    def create_endpoint(self, tenant: str, name: str, url: str, event_types: list[str],
+                        allowed: Iterable[str] = models.BATCH_EVENTS
+                        ) -> tuple[EndpointRow, str]:
+        """A webhook endpoint that receives the `event_types` of all the tenant's batches,
+        and its signing secret (shown only now and at rotation)."""
+        self._check_endpoint(name, url, event_types, allowed)
+        secret = signing.new_secret()
+        row = self.store.endpoint_create(tenant, name, url, event_types, new_id("secret"),
+                                         secret, self.now())
+        return row, secret
+
+    def update_endpoint(self, tenant: str, endpoint_id: str, *, name: str | None = None,
+                        url: str | None = None, event_types: list[str] | None = None,
+                        allowed: Iterable[str] = models.BATCH_EVENTS) -> EndpointRow:
+        row = self.store.endpoint_get(endpoint_id, tenant)
+        self._check_endpoint(name or row.name, url or row.url,
+                             row.events() if event_types is None else event_types, allowed)
+        return self.store.endpoint_update(endpoint_id, tenant, self.now(), name=name, url=url,
+                                          event_types=event_types)
+
+    def rotate_endpoint_secret(self, tenant: str, endpoint_id: str, overlap_s: float = 0.0
+                               ) -> tuple[EndpointRow, str]:
+        """A new signing secret; the old one keeps signing for `overlap_s` (default: none)."""
+        secret = signing.new_secret()
+        row = self.store.endpoint_rotate(endpoint_id, tenant, new_id("secret"), secret,
+                                         overlap_s, self.now())
+        return row, secret
+
+    async def test_endpoint(self, tenant: str, endpoint_id: str, payload: bytes) -> int:
+        """Send `payload` to the endpoint now, signed, once; the receiver's status code."""
+        row = self.store.endpoint_get(endpoint_id, tenant)
+        if self.deliverer is None:
+            raise InvalidInput("webhook delivery is not running on this instance")
+        keys = [signing.secret_key(s) for _, s in
+                self.store.secrets_active(tenant, self.now(), row.id)]
+        status, _, _, error, _ = await self.deliverer.post(row.url, new_id("msg"), payload,
+                                                           keys)
+        if status is None:
+            raise BadRequest(f"the test event could not be delivered: {error}")
+        return status
+
+    def _check_endpoint(self, name: str, url: str, event_types: list[str],
+                        allowed: Iterable[str]) -> None:
+        allowed = list(allowed)
+        if not 1 <= len(name) <= 200:
+            raise InvalidInput("name must be 1-200 characters",
+                               [{"field": "name", "message": "bad length"}])
+        _webhook({"url": url})  # http(s), with a host
+        if not self.settings.allow_private_webhooks and (reason := literal_blocked(url)):
+            raise InvalidInput(f"url is refused: {reason}", [{"field": "url",
+                                                               "message": reason}])
+        bad = [e for e in event_types if e not in allowed]
+        if not event_types or bad:
+            message = f"event_types must be one or more of {', '.join(allowed)}"
+            raise InvalidInput(message, [{"field": "event_types", "message": message}])
 
     def webhook_secret(self, tenant: str = DEFAULT_TENANT) -> str:
         """The tenant's primary signing secret (`whsec_…`), created on first use."""

@@ -247,7 +247,7 @@ class Deliverer:
         attempt = attempt_count + 1
         started = time.perf_counter()
         try:
-            status, body, retry_after, error, failure = await self._post(
+            status, body, retry_after, error, failure = await self.post(
                 url, msg_id, payload, keys)
         finally:
             self.in_flight -= 1
@@ -267,7 +267,7 @@ class Deliverer:
             secret_id, now, next_at, failure, gone))
         self.record_ready.set()
 
-    async def _post(self, url: str, msg_id: str, payload: bytes, keys: list[bytes]
+    async def post(self, url: str, msg_id: str, payload: bytes, keys: list[bytes]
                     ) -> tuple[int | None, str | None, str | None, str | None, str | None]:
         """POST once: (status, body, retry_after, error, failure_reason_code or None)."""
         assert self.session is not None

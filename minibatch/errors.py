@@ -73,11 +73,14 @@ class StorageUnavailable(MinibatchError):
 
 
 class Retry(Exception):
-    """Raised by a handler: try this item again after `after` seconds."""
+    """Raised by a handler: try this item again after `after` seconds (or fail it, with
+    `output` as its output, when this was its last attempt)."""
 
-    def __init__(self, after: float | None = None, message: str = "retry requested") -> None:
+    def __init__(self, after: float | None = None, message: str = "retry requested",
+                 output: Any = None) -> None:
         super().__init__(message)
         self.after = after
+        self.output = output  # kept as the item's output if no attempt is left
 
 
 class Fail(Exception):

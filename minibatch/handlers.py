@@ -122,7 +122,8 @@ async def run_attempt(handler: Handler, claimed: Claimed, timeout: float | None,
     except Retry as exc:
         delay = _delay(exc.after) if exc.after is not None else None
         return failed_attempt(claimed, "retry", str(exc),
-                       backoff(item.attempt, *backoff_s) if delay is None else delay, now)
+                              backoff(item.attempt, *backoff_s) if delay is None else delay,
+                              now, _fail_output(exc.output))
     except Exception as exc:  # a handler's bug is the item's failure, never the runner's
         return failed_attempt(claimed, "exception", f"{type(exc).__name__}: {exc}",
                        backoff(item.attempt, *backoff_s), now)
@@ -163,9 +164,10 @@ def _end(c: Claimed, status: str, output: bytes | None, error: bytes | None) -> 
 
 
 def failed_attempt(c: Claimed, code: str, message: str, delay: float,
-            now: Callable[[], float]) -> Outcome:
-    """A failed attempt: queued again after `delay` while attempts are left."""
+                   now: Callable[[], float], output: bytes | None = None) -> Outcome:
+    """A failed attempt: queued again after `delay` while attempts are left; else the
+    item fails (keeping `output`, if any)."""
     error = error_bytes(code, message)
     if c.item.attempt >= c.max_attempts:
-        return _end(c, "failed", None, error)
+        return _end(c, "failed", output, error)
     return Outcome(c.seq, c.batch_seq, c.token, "queued", None, error, now() + delay)

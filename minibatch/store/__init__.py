@@ -27,6 +27,7 @@ from .rows import (
     error_bytes,
     item_id,
     new_id,
+    readable_error,
     sanitize_url,
 )
 from .schema import MIGRATIONS
@@ -50,4 +51,4 @@ class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, En
 __all__ = ["MIGRATIONS", "BatchRow", "Claimed", "EndpointRow", "FileRow", "Outcome",
            "SqliteStore", "Store",
            "batch_struct",
-           "error_bytes", "item_id", "new_id", "sanitize_url"]
+           "error_bytes", "item_id", "new_id", "readable_error", "sanitize_url"]

@@ -202,6 +202,23 @@ class BatchQueries(StoreBase):
         batches = [self._batch_with_deliveries(BatchRow(*r)) for r in rows[:limit]]
         return batches, len(rows) > limit
 
+    def batch_rows_list(self, tenant: str, *, dialect: str, after: str | None, limit: int
+                        ) -> tuple[list[BatchRow], bool]:
+        """A dialect's batches of a tenant as rows, newest first, after the batch whose id
+        is `after`; and whether more follow."""
+        start = 2**62
+        if after is not None:
+            row = self._one("SELECT seq FROM batches WHERE id=? AND tenant=? AND dialect=?",
+                            (after, tenant, dialect))
+            if row is None:
+                raise InvalidInput(f"unknown cursor {after!r}",
+                                   [{"field": "after", "message": "unknown cursor"}])
+            start = row[0]
+        rows = self._all(f"SELECT {BATCH_COLS} FROM batches WHERE tenant=? AND dialect=?"
+                         " AND seq<? ORDER BY seq DESC LIMIT ?",
+                         (tenant, dialect, start, limit + 1))
+        return [BatchRow(*r) for r in rows[:limit]], len(rows) > limit
+
     def batch_cancel(self, batch_id: str, tenant: str | None, now: float) -> tuple[Batch, int]:
         """Cancel queued items now; running ones end as their workers stop.
 

@@ -51,6 +51,9 @@ class Store(Protocol):
         """Newest first, after the batch whose id is `after`; and whether more follow."""
         ...
 
+    def batch_rows_list(self, tenant: str, *, dialect: str, after: str | None, limit: int
+                        ) -> tuple[list[BatchRow], bool]: ...
+
     def batch_cancel(self, batch_id: str, tenant: str | None, now: float
                      ) -> tuple[Batch, int]:
         """Cancel queued items now; returns the batch and its seq (409 if terminal)."""
