@@ -44,7 +44,7 @@ from .models import (
     SecretRotated,
 )
 from .openai_api import create_openai_app
-from .store import BatchRow, batch_struct, item_id
+from .store import BatchRow, EndpointRow, batch_struct, item_id
 
 if TYPE_CHECKING:
     from .app import Minibatch
@@ -94,6 +94,25 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/webhook-secret/rotate", "rotate_secret",
              "Make a new primary webhook signing secret", body=RotateSecret,
              response=SecretRotated),
+    Endpoint("POST", "/v1/webhook-endpoints", "create_endpoint",
+             "Register a webhook endpoint for the events of all the tenant's batches", 201,
+             models.WebhookEndpointIn, models.WebhookEndpoint),
+    Endpoint("GET", "/v1/webhook-endpoints", "list_endpoints",
+             "List webhook endpoints, newest first", response=models.EndpointPage,
+             query=("limit", "after")),
+    Endpoint("GET", "/v1/webhook-endpoints/{endpoint_id}", "get_endpoint",
+             "Get a webhook endpoint", response=models.WebhookEndpoint),
+    Endpoint("POST", "/v1/webhook-endpoints/{endpoint_id}", "update_endpoint",
+             "Change a webhook endpoint's name, url or event types",
+             body=models.WebhookEndpointUpdate, response=models.WebhookEndpoint),
+    Endpoint("DELETE", "/v1/webhook-endpoints/{endpoint_id}", "delete_endpoint",
+             "Delete a webhook endpoint", response=JSON),
+    Endpoint("POST", "/v1/webhook-endpoints/{endpoint_id}/rotate-secret", "rotate_endpoint",
+             "A new signing secret for the endpoint", body=models.EndpointRotate,
+             response=models.WebhookEndpoint),
+    Endpoint("POST", "/v1/webhook-endpoints/{endpoint_id}/test", "test_endpoint",
+             "Send the endpoint one signed sample event now", body=models.EndpointTest,
+             response=models.EndpointTested),
     Endpoint("GET", "/healthz", "healthz", "Liveness", response=Health, auth=False),
     Endpoint("GET", "/metrics", "metrics", "Prometheus metrics (no tenant data)",
              response="text/plain", auth=False),
@@ -319,6 +338,60 @@ class Api:
         body = await self.json_body(request)
         spec = decode_json(body or b"{}", RotateSecret)
         return json_response(self.mb.rotate_secret(tenant, spec.overlap_s))
+
+    async def create_endpoint(self, request: Request, tenant: str) -> Response:
+        spec = decode_json(await self.json_body(request), models.WebhookEndpointIn)
+        row, secret = self.mb.create_endpoint(tenant, spec.name, spec.url,
+                                              list(spec.event_types))
+        return json_response(self._endpoint(row, secret), 201)
+
+    async def list_endpoints(self, request: Request, tenant: str) -> Response:
+        _, limit, after = self.page_args(request)
+        rows, more = self.mb.store.endpoints_list(tenant, after=after, limit=limit)
+        return json_response(models.EndpointPage([self._endpoint(r) for r in rows], more,
+                                                 rows[-1].id if more else None))
+
+    async def get_endpoint(self, request: Request, tenant: str) -> Response:
+        row = self.mb.store.endpoint_get(request.path_params["endpoint_id"], tenant)
+        return json_response(self._endpoint(row))
+
+    async def update_endpoint(self, request: Request, tenant: str) -> Response:
+        spec = decode_json(await self.json_body(request) or b"{}",
+                           models.WebhookEndpointUpdate)
+        row = self.mb.update_endpoint(
+            tenant, request.path_params["endpoint_id"], name=spec.name, url=spec.url,
+            event_types=None if spec.event_types is None else list(spec.event_types))
+        return json_response(self._endpoint(row))
+
+    async def delete_endpoint(self, request: Request, tenant: str) -> Response:
+        endpoint_id = request.path_params["endpoint_id"]
+        self.mb.store.endpoint_delete(endpoint_id, tenant)
+        return json_response({"id": endpoint_id, "object": "webhook_endpoint.deleted",
+                              "deleted": True})
+
+    async def rotate_endpoint(self, request: Request, tenant: str) -> Response:
+        spec = decode_json(await self.json_body(request) or b"{}", models.EndpointRotate)
+        row, secret = self.mb.rotate_endpoint_secret(
+            tenant, request.path_params["endpoint_id"],
+            86400.0 if spec.keep_old_secret_active_for_24_hours else 0.0)
+        return json_response(self._endpoint(row, secret))
+
+    async def test_endpoint(self, request: Request, tenant: str) -> Response:
+        spec = decode_json(await self.json_body(request), models.EndpointTest)
+        sample = models.Event(spec.event_type, models.to_datetime(self.mb.now()),
+                              {"id": "batch_test"})
+        status = await self.mb.test_endpoint(tenant, request.path_params["endpoint_id"],
+                                             _encode(sample))
+        return json_response(models.EndpointTested(event_type=spec.event_type,
+                                                   status_code=status))
+
+    def _endpoint(self, row: EndpointRow, secret: str | None = None
+                  ) -> models.WebhookEndpoint:
+        return models.WebhookEndpoint(
+            id=row.id, name=row.name, url=row.url, event_types=row.events(),
+            created_at=models.to_datetime(row.created_at),
+            updated_at=models.to_datetime(row.updated_at),
+            signing_secret_hint=self.mb.endpoint_secret_hint(row), signing_secret=secret)
 
     async def healthz(self, request: Request) -> Response:
         return json_response(Health("ok"))

@@ -260,6 +260,11 @@ class Minibatch:
             raise BadRequest(f"the test event could not be delivered: {error}")
         return status
 
+    def endpoint_secret_hint(self, row: EndpointRow) -> str | None:
+        """The start and end of the endpoint's primary secret, to tell secrets apart."""
+        active = self.store.secrets_active(row.tenant, self.now(), row.id)
+        return f"{active[0][1][:10]}…{active[0][1][-4:]}" if active else None
+
     def _check_endpoint(self, name: str, url: str, event_types: list[str],
                         allowed: Iterable[str]) -> None:
         allowed = list(allowed)

@@ -34,7 +34,8 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
     from .config import env_options
 
     options: dict[str, Any] = env_options()
-    for name in ("db", "host", "port", "handlers", "webhook_retry_schedule", "synchronous"):
+    for name in ("db", "host", "port", "handlers", "webhook_retry_schedule", "synchronous",
+                 "openai_upstream", "openai_upstream_key", "openai_upstream_concurrency"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -283,6 +284,12 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds before each attempt, e.g. 0,5,300 (its length = attempts)")
     s.add_argument("--synchronous", choices=("normal", "full"),
                    help="normal survives a process crash; full also power loss")
+    s.add_argument("--openai-upstream", metavar="URL",
+                   help="an OpenAI-compatible server's /v1 URL that runs OpenAI batches")
+    s.add_argument("--openai-upstream-key", metavar="KEY",
+                   help="sent to the upstream as Authorization: Bearer")
+    s.add_argument("--openai-upstream-concurrency", type=int, metavar="N",
+                   help="requests in flight to the upstream at once (default 16)")
     s.set_defaults(run=cmd_serve)
 
     k = sub.add_parser("keys", help="API keys and webhook secrets")

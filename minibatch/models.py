@@ -294,6 +294,52 @@ class SecretRotated(Struct):
     previous_expires_at: datetime | None
 
 
+class WebhookEndpoint(Struct, kw_only=True, omit_defaults=True):
+    """A tenant's webhook endpoint: every matching event of its batches goes there."""
+
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    name: str
+    url: str
+    event_types: list[str]
+    created_at: datetime
+    updated_at: datetime
+    signing_secret_hint: str | None = None
+    signing_secret: str | None = None  # shown only when made and when rotated
+
+
+class WebhookEndpointIn(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    url: Annotated[str, Meta(max_length=MAX_URL_LENGTH)]
+    event_types: Annotated[list[BatchEventType], Meta(min_length=1)]
+
+
+class WebhookEndpointUpdate(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    url: Annotated[str, Meta(max_length=MAX_URL_LENGTH)] | None = None
+    event_types: Annotated[list[BatchEventType], Meta(min_length=1)] | None = None
+
+
+class EndpointRotate(Struct, forbid_unknown_fields=True, kw_only=True):
+    keep_old_secret_active_for_24_hours: bool = False
+
+
+class EndpointTest(Struct, forbid_unknown_fields=True, kw_only=True):
+    event_type: BatchEventType
+
+
+class EndpointTested(Struct, kw_only=True):
+    event_type: str
+    status_code: int
+    object: Literal["webhook_endpoint.test"] = "webhook_endpoint.test"
+
+
+class EndpointPage(Struct):
+    data: list[WebhookEndpoint]
+    has_more: bool
+    next_cursor: str | None
+
+
 class BatchPage(Struct):
     data: list[Batch]
     has_more: bool

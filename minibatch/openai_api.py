@@ -203,6 +203,7 @@ def file_out(row: FileRow) -> FileOut:
 
 def endpoint_out(row: EndpointRow, hint: str | None, secret: str | None = None
                  ) -> EndpointOut:
+    """An endpoint as OpenAI's WebhookEndpoint (unix seconds)."""
     return EndpointOut(id=row.id, name=row.name, url=row.url, event_types=row.events(),
                        created_at=int(row.created_at), updated_at=int(row.updated_at),
                        signing_secret_hint=hint, signing_secret=secret)
@@ -489,7 +490,7 @@ class OpenAIApi:
         spec = _decode_body(await self.api.json_body(request), EndpointIn)
         row, secret = self.mb.create_endpoint(tenant, spec.name, spec.url, spec.event_types,
                                               BATCH_EVENT_TYPES)
-        return _json(endpoint_out(row, _hint(secret), secret))
+        return _json(self._endpoint(row, secret))
 
     async def list_endpoints(self, request: Request, tenant: str) -> Response:
         q = request.query_params
@@ -519,7 +520,7 @@ class OpenAIApi:
         overlap = 86400.0 if spec.keep_old_secret_active_for_24_hours else 0.0
         row, secret = self.mb.rotate_endpoint_secret(
             tenant, request.path_params["endpoint_id"], overlap)
-        return _json(endpoint_out(row, _hint(secret), secret))
+        return _json(self._endpoint(row, secret))
 
     async def test_endpoint(self, request: Request, tenant: str) -> Response:
         spec = _decode_body(await self.api.json_body(request), TestIn)
@@ -535,13 +536,8 @@ class OpenAIApi:
                       "status_code": status, "success": True,
                       "webhook_endpoint_id": endpoint_id})
 
-    def _endpoint(self, row: EndpointRow) -> EndpointOut:
-        active = self.mb.store.secrets_active(row.tenant, self.mb.now(), row.id)
-        return endpoint_out(row, _hint(active[0][1]) if active else None)
-
-
-def _hint(secret: str) -> str:
-    return f"{secret[:10]}…{secret[-4:]}"
+    def _endpoint(self, row: EndpointRow, secret: str | None = None) -> EndpointOut:
+        return endpoint_out(row, self.mb.endpoint_secret_hint(row), secret)
 
 
 def _encode_file(file: Any) -> bytes:
