@@ -55,11 +55,12 @@ class Minibatch:
     # -- handlers and lifecycle ----------
 
     def handler(self, kind: str, *, concurrency: int | None = None, timeout: float | None = None,
-                max_attempts: int | None = None) -> Callable:
-        """Register the decorated function (async, or sync to run in a thread) for `kind`."""
+                max_attempts: int | None = None, interruptible: bool = True) -> Callable:
+        """Register the decorated function (async, or sync to run in a thread) for `kind`.
+        With `interruptible=False`, cancelling a batch lets its running items finish."""
         def register(fn: Callable) -> Callable:
             self.registry.register(kind, fn, concurrency=concurrency, timeout=timeout,
-                                   max_attempts=max_attempts)
+                                   max_attempts=max_attempts, interruptible=interruptible)
             return fn
         return register
 
@@ -72,7 +73,7 @@ class Minibatch:
         def register(fn: Callable) -> Callable:
             self.registry.register(openai_kind(endpoint), as_request_handler(fn),
                                    concurrency=concurrency, timeout=timeout,
-                                   max_attempts=max_attempts)
+                                   max_attempts=max_attempts, interruptible=False)
             return fn
         return register
 

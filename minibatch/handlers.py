@@ -27,11 +27,16 @@ MAX_RETRY_AFTER_S = 86400.0
 class Handler:
     """A registered kind: the callable and its limits."""
 
-    __slots__ = ("concurrency", "fn", "is_async", "kind", "limiter", "max_attempts", "timeout")
+    __slots__ = ("concurrency", "fn", "interruptible", "is_async", "kind", "limiter",
+                 "max_attempts", "timeout")
 
     def __init__(self, kind: str, fn: Callable[..., Any], *, concurrency: int | None,
-                 timeout: float | None, max_attempts: int | None) -> None:
+                 timeout: float | None, max_attempts: int | None,
+                 interruptible: bool = True) -> None:
         self.kind = kind
+        # Whether a cancel interrupts this kind's running items (else they finish: a
+        # request already sent to an upstream is worth its answer).
+        self.interruptible = interruptible
         self.fn = fn
         call = fn if inspect.isroutine(fn) else type(fn).__call__  # an object's __call__
         self.is_async = inspect.iscoroutinefunction(call)
@@ -53,11 +58,12 @@ DECLARED: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
 
 
 def handler(kind: str, *, concurrency: int | None = None, timeout: float | None = None,
-            max_attempts: int | None = None) -> Callable:
+            max_attempts: int | None = None, interruptible: bool = True) -> Callable:
     """Declare a handler in a module for `minibatch serve --handlers MODULE`."""
     def declare(fn: Callable) -> Callable:
         DECLARED.append((kind, fn, {"concurrency": concurrency, "timeout": timeout,
-                                    "max_attempts": max_attempts}))
+                                    "max_attempts": max_attempts,
+                                    "interruptible": interruptible}))
         return fn
     return declare
 

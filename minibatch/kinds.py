@@ -100,9 +100,8 @@ class HttpKind:
 def register_builtin_kinds(mb: Minibatch) -> None:
     """Add `echo`, `sleep` and `http` to `mb` (kinds already registered are kept)."""
     http = HttpKind(mb.settings.allow_private_webhooks)
-    for kind, fn, limits in (("echo", echo, {"concurrency": 64}),
-                             ("sleep", sleep, {"concurrency": 1000}),
-                             ("http", http, {"concurrency": HTTP_CONCURRENCY})):
+    for kind, fn, concurrency in (("echo", echo, 64), ("sleep", sleep, 1000),
+                                  ("http", http, HTTP_CONCURRENCY)):
         if mb.registry.get(kind) is None:
-            mb.handler(kind, **limits)(fn)
+            mb.handler(kind, concurrency=concurrency)(fn)
     mb.on_close(http.aclose)

@@ -83,7 +83,8 @@ class Runner:
         self.outcome_ready = anyio.Event()
         # (item seq, claim token) -> (batch seq, scope): a claim, not an item, since this
         # process may re-claim an item whose lease it lost while the first run goes on.
-        self.running: dict[tuple[int, int], tuple[int, anyio.CancelScope]] = {}
+        # The scope is None for a kind whose running items a cancel lets finish.
+        self.running: dict[tuple[int, int], tuple[int, anyio.CancelScope | None]] = {}
         self.cancelled: set[int] = set()
         self.stopping = False
         self._backoff = (settings.retry_base_s, settings.retry_cap_s)
@@ -143,10 +144,11 @@ class Runner:
             pool.wake.set()
 
     def cancel_local(self, batch_seq: int) -> None:
-        """Interrupt this process's running items of a cancelled batch."""
+        """Interrupt this process's running items of a cancelled batch (those of kinds
+        that can be interrupted; the others finish)."""
         self.cancelled.add(batch_seq)
         for b, scope in list(self.running.values()):
-            if b == batch_seq:
+            if b == batch_seq and scope is not None:
                 scope.cancel()
 
     # -- claimer and workers ----------
@@ -213,7 +215,8 @@ class Runner:
                     current = pool.ready.popleft()
                     if pool.ready:
                         pool.wake_one()
-                    self.running[current.seq, current.token] = (current.batch_seq, scope)
+                    self.running[current.seq, current.token] = (
+                        current.batch_seq, scope if handler.interruptible else None)
                     if current.batch_seq in self.cancelled:
                         scope.cancel()
                     outcome = await run_attempt(handler, current, current.timeout_s or

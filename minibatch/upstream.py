@@ -1,9 +1,10 @@
 """What runs a dialect's requests: an upstream model server, or a Python handler.
 
 A dialect batch's items are the request bodies of its lines, of the kind `openai:<path>`
-(e.g. `openai:/v1/chat/completions`). Whatever runs them answers with a response
-envelope `{status_code, request_id, body}`, which is the item's output, and which the
-dialect's output and error files show as each line's `response`.
+(e.g. `openai:/v1/chat/completions`). Whatever runs them answers with a response envelope
+`{status_code, request_id, body}`, which is the item's output, and which the dialect's
+output and error files show as each line's `response`. A cancel lets the requests already
+sent finish.
 
 `Upstream` sends each body to an OpenAI-compatible server (vLLM, llama.cpp, Ollama, ...)
 at the line's path below `/v1`, over one pooled aiohttp session: connection errors, 429
@@ -137,7 +138,7 @@ def openai_handler(endpoint: str, *, concurrency: int | None = None,
     def declare(fn: Callable) -> Callable:
         DECLARED.append((openai_kind(endpoint), as_request_handler(fn),
                          {"concurrency": concurrency, "timeout": timeout,
-                          "max_attempts": max_attempts}))
+                          "max_attempts": max_attempts, "interruptible": False}))
         return fn
     return declare
 
@@ -151,6 +152,6 @@ def register_upstream(mb: Minibatch) -> None:
                         s.openai_upstream_concurrency, s.openai_upstream_timeout_s)
     for endpoint in OPENAI_ENDPOINTS:
         if mb.registry.get(openai_kind(endpoint)) is None:
-            mb.handler(openai_kind(endpoint),
-                       concurrency=s.openai_upstream_concurrency)(upstream.kind(endpoint))
+            mb.handler(openai_kind(endpoint), concurrency=s.openai_upstream_concurrency,
+                       interruptible=False)(upstream.kind(endpoint))
     mb.on_close(upstream.aclose)
