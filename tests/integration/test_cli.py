@@ -190,3 +190,31 @@ def test_more_client_mistakes_are_one_line(served, tmp_path):
     negative = cli("keys", "rotate-secret", "--tenant", "cli", "--overlap", "-100",
                    "--db", served.db)
     assert "--overlap" in one_clear_line(negative)
+
+
+def test_readme_openai_examples_run_as_written(tmp_path):
+    """The README's OpenAI client script, against `serve --handlers` with the README's
+    handler module: a real `openai` SDK, a real server, the handler's answers back."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    client_block = next(b for b in blocks if "from openai import OpenAI" in b)
+    handler_block = next(b for b in blocks if "@minibatch.openai_handler" in b)
+    (tmp_path / "readme_handlers.py").write_text(handler_block)
+    (tmp_path / "requests.jsonl").write_text("".join(
+        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": f"hi {i}"}]}})
+        + "\n" for i in range(3)))
+    srv = Served(tmp_path, "--handlers", "readme_handlers")
+    try:
+        proc = subprocess.run([sys.executable, "-c", client_block], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=60,
+                              env={**os.environ, **srv.client_env})
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stderr
+    status, *lines = proc.stdout.strip().splitlines()
+    assert status.startswith("completed")
+    answers = [json.loads(line) for line in lines]
+    assert [a["custom_id"] for a in answers] == ["r0", "r1", "r2"]
+    assert [a["response"]["body"]["choices"][0]["message"]["content"] for a in answers] == [
+        "HI 0", "HI 1", "HI 2"]
