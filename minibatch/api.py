@@ -391,7 +391,8 @@ class Api:
             id=row.id, name=row.name, url=row.url, event_types=row.events(),
             created_at=models.to_datetime(row.created_at),
             updated_at=models.to_datetime(row.updated_at),
-            signing_secret_hint=self.mb.endpoint_secret_hint(row), signing_secret=secret)
+            signing_secret_hint=self.mb.endpoint_secret_hint(row),
+            signing_secret=msgspec.UNSET if secret is None else secret)
 
     async def healthz(self, request: Request) -> Response:
         return json_response(Health("ok"))

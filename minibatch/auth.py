@@ -12,7 +12,7 @@ import time
 
 from starlette.requests import Request
 
-from .errors import Conflict, InvalidInput, Unauthorized
+from .errors import Conflict, IdempotencyMismatch, InvalidInput, Unauthorized
 from .signing import new_secret
 from .store import Store, new_id
 
@@ -93,7 +93,7 @@ class Idempotency:
         `body_hash` is the SHA-256 of what the key covers, and another one is a 422."""
         stored = self.store.idempotency_get(tenant, key, time.time() - IDEMPOTENCY_WINDOW_S)
         if stored is not None and stored[0] != body_hash:
-            raise InvalidInput(
+            raise IdempotencyMismatch(
                 "this Idempotency-Key was used with a different request body",
                 [{"field": "Idempotency-Key", "message": "reused with another body"}])
         return stored

@@ -34,6 +34,10 @@ class InvalidInput(MinibatchError):
     title = "Invalid input"
 
 
+class IdempotencyMismatch(InvalidInput):
+    """An Idempotency-Key reused with another body: 422 in every dialect."""
+
+
 class BadRequest(MinibatchError):
     status = 400
     title = "Bad request"

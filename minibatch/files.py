@@ -99,7 +99,8 @@ async def store_file(store: Store, tenant: str, filename: str | None, data: byte
 
     `checker` reads the lines (a native LineChecker by default; a dialect's keeps every
     line and marks the bad ones, for the batch that uses the file to report); `purpose`,
-    `expires_at` and `build` (FileRow -> the dialect's file object) are a dialect's.
+    `expires_at` and `build` (FileRow -> the dialect's file object) are a dialect's; a
+    dialect's file also keeps its bytes as uploaded, for its download.
     Each chunk is validated in a worker thread and written on the loop in its own short
     transaction, so neither the parse nor the write holds the loop for long."""
     checker = checker or LineChecker()
@@ -120,6 +121,10 @@ async def store_file(store: Store, tenant: str, filename: str | None, data: byte
             raise InvalidInput(
                 f"{checker.bad_lines} bad line(s) in the file (the first"
                 f" {len(checker.errors)} are listed)", checker.errors)
+        if purpose is not None:
+            for part, start in enumerate(range(0, len(data), CHUNK_BYTES)):
+                store.file_part_insert(file_id, part, data[start:start + CHUNK_BYTES])
+                await anyio.sleep(0)
         return store.file_finish(file_id, written, idempotency, build)
     except BaseException:
         with anyio.CancelScope(shield=True):

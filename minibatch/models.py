@@ -294,7 +294,7 @@ class SecretRotated(Struct):
     previous_expires_at: datetime | None
 
 
-class WebhookEndpoint(Struct, kw_only=True, omit_defaults=True):
+class WebhookEndpoint(Struct, kw_only=True):
     """A tenant's webhook endpoint: every matching event of its batches goes there."""
 
     id: str
@@ -305,7 +305,7 @@ class WebhookEndpoint(Struct, kw_only=True, omit_defaults=True):
     created_at: datetime
     updated_at: datetime
     signing_secret_hint: str | None = None
-    signing_secret: str | None = None  # shown only when made and when rotated
+    signing_secret: str | UnsetType = UNSET  # shown only when made and when rotated
 
 
 class WebhookEndpointIn(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import models
-from .errors import BadRequest, InvalidInput, MinibatchError, NotFound
+from .errors import BadRequest, IdempotencyMismatch, InvalidInput, MinibatchError, NotFound
 from .files import store_file
 from .store import BatchRow, EndpointRow, FileRow, readable_error
 from .upstream import OPENAI_ENDPOINTS, openai_kind
@@ -111,7 +111,7 @@ class Page(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
-class EndpointOut(msgspec.Struct, kw_only=True, omit_defaults=True):
+class EndpointOut(msgspec.Struct, kw_only=True):
     id: str
     object: Literal["webhook_endpoint"] = "webhook_endpoint"
     name: str
@@ -120,7 +120,7 @@ class EndpointOut(msgspec.Struct, kw_only=True, omit_defaults=True):
     created_at: int
     updated_at: int
     signing_secret_hint: str | None = None
-    signing_secret: str | None = None  # only when made or rotated
+    signing_secret: str | msgspec.UnsetType = msgspec.UNSET  # only when made or rotated
 
 
 # -- request bodies ----------
@@ -206,7 +206,8 @@ def endpoint_out(row: EndpointRow, hint: str | None, secret: str | None = None
     """An endpoint as OpenAI's WebhookEndpoint (unix seconds)."""
     return EndpointOut(id=row.id, name=row.name, url=row.url, event_types=row.events(),
                        created_at=int(row.created_at), updated_at=int(row.updated_at),
-                       signing_secret_hint=hint, signing_secret=secret)
+                       signing_secret_hint=hint,
+                       signing_secret=msgspec.UNSET if secret is None else secret)
 
 
 class _Line(msgspec.Struct, kw_only=True):
@@ -380,15 +381,12 @@ class OpenAIApi:
             after = page[-1][0]
 
     async def _input_lines(self, row: FileRow) -> AsyncIterator[bytes]:
-        """An uploaded file, line by line: good lines re-encoded, bad ones as sent."""
-        after = 0
-        while page := self.mb.store.file_lines_page(row.id, after, RESULT_PAGE):
-            yield b"".join(
-                (raw if problem is not None else _encode(
-                    {"custom_id": custom_id, "method": "POST", "url": url,
-                     "body": msgspec.Raw(raw)})) + b"\n"
-                for _, custom_id, raw, _, url, problem in page)
-            after = page[-1][0]
+        """An uploaded file: its bytes as they were sent."""
+        after = -1
+        while parts := self.mb.store.file_parts_page(row.id, after, 8):
+            for _, data in parts:
+                yield data
+            after = parts[-1][0]
 
     # batches
 
@@ -584,15 +582,17 @@ def _decode_body(body: bytes, type_: Any) -> Any:
 
 # -- errors in OpenAI's shape ----------
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 422: "invalid_request_error", 401: "invalid_request_error",
           404: "invalid_request_error", 409: "conflict", 413: "invalid_request_error",
           415: "invalid_request_error", 503: "server_error", 500: "server_error"}
 
 
 def openai_error(exc: MinibatchError) -> Response:
     """OpenAI's error body. Bad input is a 400 (OpenAI's status for it, and one the SDK
-    does not retry); our 422s become 400s."""
-    status = 400 if exc.status == 422 else exc.status
+    does not retry); our 422s become 400s, but for a reused Idempotency-Key (422 in every
+    dialect, as the IETF draft has it)."""
+    status = 400 if exc.status == 422 and not isinstance(exc, IdempotencyMismatch) else (
+        exc.status)
     param = exc.errors[0].get("field") if exc.errors else None
     code = {401: "invalid_api_key"}.get(status)
     body = {"error": {"message": exc.detail, "type": _TYPES.get(status, "invalid_request_error"),

@@ -110,6 +110,7 @@ class AccountQueries(StoreBase):
                         (file_id, chunk))
             if self.conn.changes() == chunk:
                 return True
+            cur.execute("DELETE FROM file_parts WHERE file=?", (file_id,))
             cur.execute("DELETE FROM files WHERE id=? AND lines<0", (file_id,))
             return False
 
@@ -148,6 +149,7 @@ class AccountQueries(StoreBase):
         self.file_get(file_id, tenant)
         with self._tx() as cur:
             cur.execute("DELETE FROM file_lines WHERE file=?", (file_id,))
+            cur.execute("DELETE FROM file_parts WHERE file=?", (file_id,))
             cur.execute("DELETE FROM files WHERE id=?", (file_id,))
 
     def file_set_bytes(self, file_id: str, size: int) -> None:
@@ -155,11 +157,15 @@ class AccountQueries(StoreBase):
         with self._tx() as cur:
             cur.execute("UPDATE files SET bytes=? WHERE id=?", (size, file_id))
 
-    def file_lines_page(self, file_id: str, after: int, limit: int) -> list[tuple]:
-        """Stored lines (line, entry_id, input, metadata, url, problem) after line `after`."""
-        return self._all("SELECT line, entry_id, input, metadata, url, problem FROM file_lines"
-                         " WHERE file=? AND line>? ORDER BY line LIMIT ?",
-                         (file_id, after, limit))
+    def file_part_insert(self, file_id: str, part: int, data: bytes) -> None:
+        """Keep a slice of an unfinished file's bytes as uploaded (a dialect's file)."""
+        with self._tx() as cur:
+            cur.execute("INSERT INTO file_parts VALUES (?,?,?)", (file_id, part, data))
+
+    def file_parts_page(self, file_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """(part, bytes) of a file's upload after part `after`, in order."""
+        return self._all("SELECT part, data FROM file_parts WHERE file=? AND part>?"
+                         " ORDER BY part LIMIT ?", (file_id, after, limit))
 
     def file_problems(self, file_id: str, url: str, limit: int) -> tuple[list[tuple], int]:
         """Up to `limit` bad lines of a dialect's file, as (line, problem JSON or None for

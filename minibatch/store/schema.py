@@ -139,7 +139,8 @@ MIGRATIONS: list[str] = [
     # `batch` names the batch a generated (output or error) file belongs to. A line of an
     # OpenAI batch file keeps its `url` and, when it is not a valid request line, its
     # `problem` ({code, message, param}), found at upload and reported when a batch uses
-    # the file. Endpoint secrets are rows of `secrets` with their `endpoint`.
+    # the file; the file's bytes as uploaded are kept in `file_parts`, for its download.
+    # Endpoint secrets are rows of `secrets` with their `endpoint`.
     """
     ALTER TABLE batches ADD COLUMN expired INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE batches ADD COLUMN expires_at REAL;
@@ -155,6 +156,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX files_tenant ON files(tenant, created_at);
     ALTER TABLE file_lines ADD COLUMN url TEXT;
     ALTER TABLE file_lines ADD COLUMN problem BLOB;
+    CREATE TABLE file_parts (
+        file TEXT NOT NULL, part INTEGER NOT NULL, data BLOB NOT NULL,
+        PRIMARY KEY (file, part)
+    ) WITHOUT ROWID;
     CREATE TABLE webhook_endpoints (
         seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
