@@ -165,6 +165,10 @@ def cancelled_outcome(claimed: Claimed) -> Outcome:
     return _end(claimed, "cancelled", None, None)
 
 
+def expired_outcome(claimed: Claimed) -> Outcome:
+    return _end(claimed, "expired", None, None)
+
+
 def _end(c: Claimed, status: str, output: bytes | None, error: bytes | None) -> Outcome:
     return Outcome(c.seq, c.batch_seq, c.token, status, output, error, 0.0)
 

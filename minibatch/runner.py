@@ -24,6 +24,7 @@ from .handlers import (
     Registry,
     backoff,
     cancelled_outcome,
+    expired_outcome,
     failed_attempt,
     run_attempt,
 )
@@ -49,12 +50,16 @@ class KindPool:
         self.in_flight = 0  # claimed and not yet finished
         self.idle: list[anyio.Event] = []  # one per idle worker, set to wake it
         self.waking = False  # a worker has been woken and has not run yet
-        self.slot_free = anyio.Event()  # set when in_flight drops
+        self.slot_free = anyio.Event()  # set when in_flight drops to the concurrency
         self.wake = anyio.Event()  # set when new items may be due (a submit)
 
     @property
     def free(self) -> int:
-        return self.handler.concurrency - self.in_flight
+        """Room for claimed items: the workers' slots and as many again waiting in the
+        deque, so the claimer takes items a group at a time (one transaction for many)
+        while the workers run the previous group, rather than one item per finished one.
+        A cancel still reaches the waiting ones before they start."""
+        return 2 * self.handler.concurrency - self.in_flight
 
     def wake_one(self) -> None:
         """Wake one idle worker, unless one is already on its way.
@@ -167,8 +172,8 @@ class Runner:
                 with anyio.move_on_after(self.settings.poll_interval_s):
                     await pool.wake.wait()
                 pool.wake = anyio.Event()
-            elif pool.free <= 0:
-                await pool.slot_free.wait()
+            elif pool.in_flight > pool.handler.concurrency:
+                await pool.slot_free.wait()  # until the deque is empty again
                 pool.slot_free = anyio.Event()
             else:
                 await anyio.sleep(0)
@@ -217,8 +222,10 @@ class Runner:
                         pool.wake_one()
                     self.running[current.seq, current.token] = (
                         current.batch_seq, scope if handler.interruptible else None)
-                    if current.batch_seq in self.cancelled:
-                        scope.cancel()
+                    if ended := self._ended_before_start(current):
+                        self._finish(pool, current, ended)
+                        current = None
+                        continue
                     outcome = await run_attempt(handler, current, current.timeout_s or
                                                 handler.timeout, self.now, self._backoff)
                     if scope.cancel_called and current.batch_seq in self.cancelled:
@@ -235,12 +242,22 @@ class Runner:
         if current is not None:  # its handler was interrupted by the batch's cancel
             self._finish(pool, current, cancelled_outcome(current))
 
+    def _ended_before_start(self, claimed: Claimed) -> Outcome | None:
+        """A claimed item whose batch was cancelled or expired while it waited in the deque
+        never starts (a handler run under a cancelled scope could still send a request
+        before its first await)."""
+        if claimed.batch_seq in self.cancelled:
+            return cancelled_outcome(claimed)
+        if claimed.expires_at is not None and self.now() >= claimed.expires_at:
+            return expired_outcome(claimed)
+        return None
+
     def _finish(self, pool: KindPool, claimed: Claimed, outcome: Outcome) -> None:
         del self.running[claimed.seq, claimed.token]
         pool.in_flight -= 1
-        # Events are set only on the transitions their waiters wait for (a full pool gets
-        # a slot; the first outcome since the last write): setting one per item cost ~7 %.
-        if pool.in_flight == pool.handler.concurrency - 1:
+        # Events are set only on the transitions their waiters wait for (the deque ran
+        # dry; the first outcome since the last write): setting one per item cost ~7 %.
+        if pool.in_flight == pool.handler.concurrency:
             pool.slot_free.set()
         self.outcomes.append(outcome)
         if len(self.outcomes) == 1:

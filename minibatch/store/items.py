@@ -34,6 +34,7 @@ class DueBatch(NamedTuple):
     concurrency: int | None
     max_attempts: int
     item_timeout_s: float | None
+    expires_at: float | None
 
 
 class ItemQueries(StoreBase):
@@ -73,7 +74,7 @@ class ItemQueries(StoreBase):
         served: least recently served first (`claim_turn`; never served, NULL, first). At
         most `limit` of them, since each one served takes an item at least."""
         return [DueBatch(*r) for r in cur.execute(
-            "SELECT seq, id, running, concurrency, max_attempts, item_timeout_s"
+            "SELECT seq, id, running, concurrency, max_attempts, item_timeout_s, expires_at"
             " FROM batches WHERE kind=? AND completed_at IS NULL"
             " AND (concurrency IS NULL OR running < concurrency)"
             " AND EXISTS (SELECT 1 FROM items WHERE batch=batches.seq AND status='queued'"
@@ -199,10 +200,14 @@ class ItemQueries(StoreBase):
         for b, d in deltas.items():
             cur.execute(
                 "UPDATE batches SET running=running-?, queued=queued+?, succeeded=succeeded+?,"
-                " failed=failed+?, cancelled=cancelled+? WHERE seq=?",
-                (sum(d.values()), d["queued"], d["succeeded"], d["failed"], d["cancelled"], b))
+                " failed=failed+?, cancelled=cancelled+?, expired=expired+? WHERE seq=?",
+                (sum(d.values()), d["queued"], d["succeeded"], d["failed"], d["cancelled"],
+                 d["expired"], b))
+            if d["expired"]:  # the runner saw the batch's expiry first: it is expiring
+                cur.execute("UPDATE batches SET expiring=1 WHERE seq=? AND status<>'cancelling'",
+                            (b,))
             status, expiring = (self._one("SELECT status, expiring FROM batches WHERE seq=?",
-                                          (b,)) if d["queued"] else (None, 0))
+                                          (b,)) if d["queued"] or d["expired"] else (None, 0))
             if status == "cancelling":
                 self._cancel_queued(cur, b, now)  # a retry in a cancelled batch ends here
             elif expiring:
@@ -286,7 +291,8 @@ def _claims_of(rows: list[tuple], batches: list[DueBatch], now: float,
     or metadata cannot be decoded.
 
     In the order the UPDATE returned them: a claim is never larger than the kind's free
-    slots, so every item claimed starts at once, whatever its place in the list.
+    slots and one claim's worth waiting, so every item claimed starts soon, whatever its
+    place in the list.
     """
     batch_of = {b.seq: b for b in batches}
     claimed, unreadable = [], []
@@ -300,7 +306,7 @@ def _claims_of(rows: list[tuple], batches: list[DueBatch], now: float,
             unreadable.append((b, seq, _why_unreadable(inp, meta)))
             continue
         claimed.append(Claimed(item, seq, b, batch.max_attempts, batch.item_timeout_s, now,
-                               token))
+                               token, batch.expires_at))
     return claimed, unreadable
 
 

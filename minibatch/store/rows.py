@@ -100,6 +100,7 @@ class Claimed(NamedTuple):
     timeout_s: float | None
     claimed_at: float
     token: int  # this claim's lease token; its outcome must carry it
+    expires_at: float | None = None  # the batch's: an item not started by then expires
 
 
 class Outcome(NamedTuple):
@@ -108,7 +109,7 @@ class Outcome(NamedTuple):
     seq: int
     batch_seq: int
     token: int  # the claim's lease token
-    status: str  # succeeded | failed | cancelled | queued (retry)
+    status: str  # succeeded | failed | cancelled | expired | queued (retry)
     output: bytes | None
     error: bytes | None
     run_at: float  # for a retry

@@ -282,3 +282,37 @@ async def test_expiry_ends_items_not_started_and_the_batch_once_running_ones_fin
     events = [d.event for d in store.deliveries_page(row.seq, limit=10, after=None)[0]]
     assert events == ["batch.expired"]
     del second, third, fourth
+
+
+async def test_a_claimed_item_that_waited_past_its_batchs_expiry_or_cancel_never_starts(
+        db_path):
+    """The claimer takes a group ahead of the workers; an item still waiting in the deque
+    when its batch expires, or is cancelled, ends so without its handler being called."""
+    clock = [T0]
+    store = SqliteStore(db_path)
+    registry = Registry()
+    calls: list[int] = []
+    handler = registry.register("k", lambda item: calls.append(item.input), concurrency=1,
+                                timeout=None, max_attempts=None)
+    runner = Runner(store, registry, make_settings(db=db_path), lambda: clock[0], Histogram())
+    pool = KindPool(handler)
+    expiring = store.batch_insert(tenant="t", kind="k", items=[{"input": 1}, {"input": 2}],
+                                  now=T0, max_attempts=3, expires_at=T0 + 10)
+    assert runner.claim_once(pool) == 2  # one for the worker and one waiting: a group
+    clock[0] = T0 + 10
+    await runner._drain(pool)
+    assert calls == []
+    runner.complete_once()
+    batch = store.batch_get(expiring.id)
+    assert (batch.status, batch.metrics.expired) == ("expired", 2)
+
+    cancelled = store.batch_insert(tenant="t", kind="k", items=[{"input": 3}, {"input": 4}],
+                                   now=clock[0], max_attempts=3)
+    assert runner.claim_once(pool) == 2
+    store.batch_cancel(cancelled.id, None, clock[0])  # what Minibatch.cancel does
+    runner.cancel_local(cancelled.seq)
+    await runner._drain(pool)
+    assert calls == []
+    runner.complete_once()
+    batch = store.batch_get(cancelled.id)
+    assert (batch.status, batch.metrics.cancelled) == ("cancelled", 2)
