@@ -230,7 +230,7 @@ class Api:
         async def read() -> tuple[bytes, tuple[bytes, str | None]]:
             limit = self.mb.settings.max_file_bytes
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                data, filename, fields = await self._multipart_file(request, limit)
+                data, filename, fields = await self.multipart_file(request, limit)
                 # The key covers the whole request, not only the file's bytes (the
                 # boundary is random per request, so the raw body cannot be compared).
                 return _encode([filename, sorted(fields.items())]) + b"\n" + data, (
@@ -246,7 +246,7 @@ class Api:
 
         return await self.idempotent(request, tenant, read, create)
 
-    async def _multipart_file(self, request: Request, limit: int
+    async def multipart_file(self, request: Request, limit: int
                               ) -> tuple[bytes, str | None, dict[str, str]]:
         """The `file` part's bytes and name, and the form's other fields."""
         _refuse_declared_over(request, limit)

@@ -313,7 +313,7 @@ class OpenAIApi:
 
     async def create_file(self, request: Request, tenant: str) -> Response:
         async def read() -> tuple[bytes, tuple[bytes, str | None, dict[str, str]]]:
-            data, filename, fields = await self.api._multipart_file(
+            data, filename, fields = await self.api.multipart_file(
                 request, self.mb.settings.max_file_bytes)
             return _encode([filename, sorted(fields.items())]) + b"\n" + data, (
                 data, filename, fields)
