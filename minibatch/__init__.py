@@ -8,7 +8,7 @@ from .app import Minibatch, run_batch
 from .errors import Fail, InvalidInput, MinibatchError, NotFound, Retry
 from .handlers import handler
 from .models import Batch, Delivery, Item, Metrics, Result
-from .upstream import openai_handler
+from .upstream import anthropic_handler, openai_handler
 
 __all__ = [
     "Batch",
@@ -22,6 +22,7 @@ __all__ = [
     "NotFound",
     "Result",
     "Retry",
+    "anthropic_handler",
     "handler",
     "openai_handler",
     "run_batch",

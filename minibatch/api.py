@@ -43,7 +43,6 @@ from .models import (
     RotateSecret,
     SecretRotated,
 )
-from .openai_api import create_openai_app
 from .store import BatchRow, EndpointRow, batch_struct, item_id
 
 if TYPE_CHECKING:
@@ -507,11 +506,41 @@ def _endpoint(api: Api, endpoint: Endpoint) -> Callable[[Request], Awaitable[Res
     return authenticated
 
 
+def dialect_app(api: Api, dialect: Any, routes: list[tuple[str, str, str]],
+                render_error: Callable[[MinibatchError], Response]) -> Starlette:
+    """A dialect's routes as an app of its own, to mount under its prefix: each route
+    (method, path, name of a `dialect` method) gets the request's tenant, as ours do,
+    and every error leaves in the dialect's shape."""
+    def authenticated(name: str) -> Callable[[Request], Awaitable[Response]]:
+        handler = getattr(dialect, name)
+
+        async def route(request: Request) -> Response:
+            return await handler(request, api.auth.tenant(request))
+        return route
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, MinibatchError):
+            assert isinstance(exc, HTTPException)
+            error = MinibatchError(str(exc.detail))
+            error.status = exc.status_code
+            exc = error
+        return render_error(exc)
+
+    return Starlette(
+        routes=[Route(path, authenticated(name), methods=[method])
+                for method, path, name in routes],
+        exception_handlers={MinibatchError: on_error, HTTPException: on_error,
+                            ClientDisconnect: _client_gone, Exception: _server_error})
+
+
 def create_app(mb: Minibatch) -> Starlette:
     api = Api(mb)
     routes: list[BaseRoute] = [Route(e.path, _endpoint(api, e), methods=[e.method])
                                for e in ENDPOINTS]
-    routes.append(Mount("/openai/v1", app=create_openai_app(api)))
+    from . import anthropic_api, openai_api  # the dialects build on this module
+
+    routes.append(Mount("/openai/v1", app=openai_api.create_app(api)))
+    routes.append(Mount("/anthropic", app=anthropic_api.create_app(api)))
     return Starlette(routes=routes, exception_handlers={
         MinibatchError: _problem_handler, HTTPException: _problem_handler,
         ClientDisconnect: _client_gone, Exception: _server_error})

@@ -25,7 +25,7 @@ from .metrics import Histogram
 from .models import Batch, ItemError, Result
 from .runner import Runner
 from .store import EndpointRow, SqliteStore, Store, item_id, new_id
-from .upstream import as_request_handler, openai_kind, register_upstream
+from .upstream import ANTHROPIC_KIND, as_request_handler, openai_kind, register_upstream
 
 DEFAULT_TENANT = "default"
 RESULTS_PAGE = 1000
@@ -70,10 +70,23 @@ class Minibatch:
         """Register the decorated function to run the requests of OpenAI batches of
         `endpoint` (e.g. "/v1/chat/completions"): it gets an Item whose input is a line's
         body and returns the response body (status 200), or raises Fail/Retry."""
+        return self._request_handler(openai_kind(endpoint), concurrency, timeout,
+                                     max_attempts)
+
+    def anthropic_handler(self, *, concurrency: int | None = None,
+                          timeout: float | None = None, max_attempts: int | None = None
+                          ) -> Callable:
+        """Register the decorated function to run the requests of Anthropic message
+        batches: it gets an Item whose input is a request's `params` and returns a
+        Message, or raises Fail/Retry."""
+        return self._request_handler(ANTHROPIC_KIND, concurrency, timeout, max_attempts)
+
+    def _request_handler(self, kind: str, concurrency: int | None, timeout: float | None,
+                         max_attempts: int | None) -> Callable:
         def register(fn: Callable) -> Callable:
-            self.registry.register(openai_kind(endpoint), as_request_handler(fn),
-                                   concurrency=concurrency, timeout=timeout,
-                                   max_attempts=max_attempts, interruptible=False)
+            self.registry.register(kind, as_request_handler(fn), concurrency=concurrency,
+                                   timeout=timeout, max_attempts=max_attempts,
+                                   interruptible=False)
             return fn
         return register
 
@@ -127,6 +140,7 @@ class Minibatch:
         idempotency: tuple | None = None,
         dialect: str = "native",
         dialect_data: dict | None = None,
+        id_prefix: str = "batch",
     ) -> Batch:
         """Store a batch of `kind` and its items (dicts with `input`, optional `entry_id`,
         `metadata`; any iterable, read lazily in chunks). Raises InvalidInput and writes
@@ -144,7 +158,7 @@ class Minibatch:
             or self.settings.default_max_attempts, item_timeout_s=item_timeout_s,
             concurrency=concurrency, input_file_id=input_file_id, idempotency=idempotency,
             expires_at=None if expires_after_s is None else now + expires_after_s,
-            dialect=dialect, dialect_data=dialect_data)
+            dialect=dialect, dialect_data=dialect_data, id_prefix=id_prefix)
         if hook is not None:
             self.webhook_secret(tenant)  # deliveries are signed with the tenant's secret
         if self.runner is not None:

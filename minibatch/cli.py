@@ -35,7 +35,9 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     options: dict[str, Any] = env_options()
     for name in ("db", "host", "port", "handlers", "webhook_retry_schedule", "synchronous",
-                 "openai_upstream", "openai_upstream_key", "openai_upstream_concurrency"):
+                 "openai_upstream", "openai_upstream_key", "openai_upstream_concurrency",
+                 "anthropic_upstream", "anthropic_upstream_key",
+                 "anthropic_upstream_concurrency"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -290,6 +292,12 @@ def parser() -> argparse.ArgumentParser:
                    help="sent to the upstream as Authorization: Bearer")
     s.add_argument("--openai-upstream-concurrency", type=int, metavar="N",
                    help="requests in flight to the upstream at once (default 16)")
+    s.add_argument("--anthropic-upstream", metavar="URL",
+                   help="an Anthropic-compatible server's root URL that runs message"
+                        " batches (else they are translated onto --openai-upstream)")
+    s.add_argument("--anthropic-upstream-key", metavar="KEY", help="sent as x-api-key")
+    s.add_argument("--anthropic-upstream-concurrency", type=int, metavar="N",
+                   help="requests in flight to it at once (default 16)")
     s.set_defaults(run=cmd_serve)
 
     k = sub.add_parser("keys", help="API keys and webhook secrets")

@@ -51,8 +51,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     openai_upstream: str | None = None  # an OpenAI-compatible server's /v1 base URL
     openai_upstream_key: str | None = None
     openai_upstream_concurrency: int = 16
-    openai_upstream_timeout_s: float = 600.0  # one request to the upstream
-    completion_window_s: float = 86400.0  # what a "24h" completion window lasts
+    openai_upstream_timeout_s: float = 600.0  # one request to an upstream
+    anthropic_upstream: str | None = None  # an Anthropic-compatible server's root URL
+    anthropic_upstream_key: str | None = None
+    anthropic_upstream_concurrency: int = 16
+    completion_window_s: float = 86400.0  # what a dialect's 24 h window lasts
 
     def __post_init__(self) -> None:
         positive = ("lease_s", "claim_size", "poll_interval_s", "default_max_attempts",
@@ -60,6 +63,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                     "max_json_bytes", "max_file_bytes", "max_header_bytes",
                     "request_timeout_s", "max_connections", "retry_base_s", "retry_cap_s",
                     "openai_upstream_concurrency", "openai_upstream_timeout_s",
+                    "anthropic_upstream_concurrency",
                     "completion_window_s")
         for name in positive:
             value = getattr(self, name)
@@ -70,10 +74,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                                f" got {self.shutdown_grace_s}")
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"setting port must be 0 to 65535, got {self.port}")
-        if self.openai_upstream is not None and not self.openai_upstream.startswith(
-                ("http://", "https://")):
-            raise InvalidInput("setting openai_upstream must be an http(s) URL, got"
-                               f" {self.openai_upstream!r}")
+        for name in ("openai_upstream", "anthropic_upstream"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise InvalidInput(f"setting {name} must be an http(s) URL, got {url!r}")
         schedule = self.webhook_retry_schedule
         if not schedule or not all(math.isfinite(s) and s >= 0 for s in schedule):
             raise InvalidInput("setting webhook_retry_schedule needs one or more finite"

@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from . import models
+from .api import Api, decode_json, dialect_app
 from .errors import BadRequest, IdempotencyMismatch, InvalidInput, MinibatchError, NotFound
 from .files import store_file
 from .store import BatchRow, EndpointRow, FileRow, readable_error
 from .upstream import OPENAI_ENDPOINTS, openai_kind
-
-if TYPE_CHECKING:
-    from .api import Api
 
 JSON = "application/json"
 WINDOWS = {"24h"}
@@ -393,7 +389,7 @@ class OpenAIApi:
     async def create_batch(self, request: Request, tenant: str) -> Response:
         async def read() -> tuple[bytes, BatchIn]:
             body = await self.api.json_body(request)
-            return body, _decode_body(body, BatchIn)
+            return body, decode_json(body, BatchIn)
 
         async def create(idem: tuple | None, spec: BatchIn) -> Response:
             row = await self._create(tenant, spec, idem)
@@ -485,7 +481,7 @@ class OpenAIApi:
     # webhook endpoints
 
     async def create_endpoint(self, request: Request, tenant: str) -> Response:
-        spec = _decode_body(await self.api.json_body(request), EndpointIn)
+        spec = decode_json(await self.api.json_body(request), EndpointIn)
         row, secret = self.mb.create_endpoint(tenant, spec.name, spec.url, spec.event_types,
                                               BATCH_EVENT_TYPES)
         return _json(self._endpoint(row, secret))
@@ -501,7 +497,7 @@ class OpenAIApi:
         return _json(self._endpoint(row))
 
     async def update_endpoint(self, request: Request, tenant: str) -> Response:
-        spec = _decode_body(await self.api.json_body(request) or b"{}", EndpointUpdate)
+        spec = decode_json(await self.api.json_body(request) or b"{}", EndpointUpdate)
         row = self.mb.update_endpoint(tenant, request.path_params["endpoint_id"],
                                       name=spec.name, url=spec.url,
                                       event_types=spec.event_types,
@@ -514,14 +510,14 @@ class OpenAIApi:
         return _json({"id": endpoint_id, "object": "webhook_endpoint.deleted", "deleted": True})
 
     async def rotate_endpoint(self, request: Request, tenant: str) -> Response:
-        spec = _decode_body(await self.api.json_body(request) or b"{}", RotateIn)
+        spec = decode_json(await self.api.json_body(request) or b"{}", RotateIn)
         overlap = 86400.0 if spec.keep_old_secret_active_for_24_hours else 0.0
         row, secret = self.mb.rotate_endpoint_secret(
             tenant, request.path_params["endpoint_id"], overlap)
         return _json(self._endpoint(row, secret))
 
     async def test_endpoint(self, request: Request, tenant: str) -> Response:
-        spec = _decode_body(await self.api.json_body(request), TestIn)
+        spec = decode_json(await self.api.json_body(request), TestIn)
         if spec.event_type not in BATCH_EVENT_TYPES:
             raise _param_error(f"event_type must be one of {', '.join(BATCH_EVENT_TYPES)}",
                                "event_type")
@@ -574,12 +570,6 @@ def _param_error(message: str, param: str) -> InvalidInput:
     return InvalidInput(message, [{"field": param, "message": message}])
 
 
-def _decode_body(body: bytes, type_: Any) -> Any:
-    from .api import decode_json
-
-    return decode_json(body, type_)
-
-
 # -- errors in OpenAI's shape ----------
 
 _TYPES = {400: "invalid_request_error", 422: "invalid_request_error", 401: "invalid_request_error",
@@ -600,15 +590,6 @@ def openai_error(exc: MinibatchError) -> Response:
     return Response(_encode(body), status_code=status, media_type=JSON, headers=exc.headers)
 
 
-async def _error_handler(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, MinibatchError):
-        return openai_error(exc)
-    assert isinstance(exc, HTTPException)
-    error = MinibatchError(str(exc.detail))
-    error.status = exc.status_code
-    return openai_error(error)
-
-
 ROUTES = [
     ("POST", "/files", "create_file"), ("GET", "/files", "list_files"),
     ("GET", "/files/{file_id}", "get_file"), ("DELETE", "/files/{file_id}", "delete_file"),
@@ -626,22 +607,6 @@ ROUTES = [
 ]
 
 
-def create_openai_app(api: Api) -> Starlette:
-    """The dialect as an app of its own, mounted at /openai/v1, with its own error shape;
-    every route needs a key (the native Authenticator)."""
-    from .api import _client_gone, _server_error
-
-    dialect = OpenAIApi(api)
-
-    def authenticated(name: str) -> Any:
-        handler = getattr(dialect, name)
-
-        async def route(request: Request) -> Response:
-            return await handler(request, api.auth.tenant(request))
-        return route
-
-    routes = [Route(path, authenticated(name), methods=[method])
-              for method, path, name in ROUTES]
-    return Starlette(routes=routes, exception_handlers={
-        MinibatchError: _error_handler, HTTPException: _error_handler,
-        ClientDisconnect: _client_gone, Exception: _server_error})
+def create_app(api: Api) -> Starlette:
+    """The dialect, to mount at /openai/v1."""
+    return dialect_app(api, OpenAIApi(api), ROUTES, openai_error)

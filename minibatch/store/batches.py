@@ -44,15 +44,16 @@ class BatchQueries(StoreBase):
         expires_at: float | None = None,
         dialect: str = "native",
         dialect_data: dict | None = None,
+        id_prefix: str = "batch",
     ) -> BatchRow:
         """Insert a batch and its items in one transaction, reading `items` in chunks.
 
         `items` holds item dicts or `ItemIn`s; anything invalid raises InvalidInput and
         the transaction is rolled back, so nothing is written.
         `idempotency` is (key, body_hash, status, response-builder): the key is stored in
-        the same transaction as the batch.
+        the same transaction as the batch. `id_prefix` is a dialect's (`msgbatch`).
         """
-        batch_id = new_id("batch")
+        batch_id = new_id(id_prefix)
         events = None
         if webhook is not None:
             events = encode(webhook.events or list(models.BATCH_EVENTS)).decode()
@@ -202,22 +203,43 @@ class BatchQueries(StoreBase):
         batches = [self._batch_with_deliveries(BatchRow(*r)) for r in rows[:limit]]
         return batches, len(rows) > limit
 
-    def batch_rows_list(self, tenant: str, *, dialect: str, after: str | None, limit: int
-                        ) -> tuple[list[BatchRow], bool]:
-        """A dialect's batches of a tenant as rows, newest first, after the batch whose id
-        is `after`; and whether more follow."""
-        start = 2**62
-        if after is not None:
+    def batch_rows_list(self, tenant: str, *, dialect: str, after: str | None, limit: int,
+                        before: str | None = None) -> tuple[list[BatchRow], bool]:
+        """A dialect's batches of a tenant as rows, newest first: the page just older than
+        the batch whose id is `after`, or just newer than `before`; and whether more
+        follow in that direction."""
+        def seq_of(batch_id: str, field: str) -> int:
             row = self._one("SELECT seq FROM batches WHERE id=? AND tenant=? AND dialect=?",
-                            (after, tenant, dialect))
+                            (batch_id, tenant, dialect))
             if row is None:
-                raise InvalidInput(f"unknown cursor {after!r}",
-                                   [{"field": "after", "message": "unknown cursor"}])
-            start = row[0]
-        rows = self._all(f"SELECT {BATCH_COLS} FROM batches WHERE tenant=? AND dialect=?"
-                         " AND seq<? ORDER BY seq DESC LIMIT ?",
-                         (tenant, dialect, start, limit + 1))
+                raise InvalidInput(f"unknown cursor {batch_id!r}",
+                                   [{"field": field, "message": "unknown cursor"}])
+            return row[0]
+
+        where = "tenant=? AND dialect=? AND seq"
+        if before is not None:
+            rows = self._all(f"SELECT {BATCH_COLS} FROM batches WHERE {where}>?"
+                             " ORDER BY seq LIMIT ?",
+                             (tenant, dialect, seq_of(before, "before_id"), limit + 1))
+            return [BatchRow(*r) for r in rows[:limit]][::-1], len(rows) > limit
+        start = 2**62 if after is None else seq_of(after, "after_id")
+        rows = self._all(f"SELECT {BATCH_COLS} FROM batches WHERE {where}<?"
+                         " ORDER BY seq DESC LIMIT ?", (tenant, dialect, start, limit + 1))
         return [BatchRow(*r) for r in rows[:limit]], len(rows) > limit
+
+    def batch_delete(self, batch_id: str, tenant: str | None) -> None:
+        """Delete an ended batch with its items, deliveries, attempts and generated files
+        (409 while it runs)."""
+        row = self._batch_row_by_id(batch_id, tenant)
+        if row.status not in models.BATCH_TERMINAL:
+            raise Conflict(f"batch {batch_id} has not ended ({row.status})")
+        with self._tx() as cur:
+            cur.execute("DELETE FROM attempts WHERE delivery IN"
+                        " (SELECT seq FROM deliveries WHERE batch=?)", (row.seq,))
+            for table in ("deliveries", "items"):
+                cur.execute(f"DELETE FROM {table} WHERE batch=?", (row.seq,))
+            cur.execute("DELETE FROM files WHERE batch=?", (row.seq,))
+            cur.execute("DELETE FROM batches WHERE seq=?", (row.seq,))
 
     def batch_cancel(self, batch_id: str, tenant: str | None, now: float) -> tuple[Batch, int]:
         """Cancel queued items now; running ones end as their workers stop.

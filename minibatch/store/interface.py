@@ -29,7 +29,8 @@ class Store(Protocol):
                      max_attempts: int, item_timeout_s: float | None = None,
                      concurrency: int | None = None, input_file_id: str | None = None,
                      idempotency: Idempotency | None = None, expires_at: float | None = None,
-                     dialect: str = "native", dialect_data: dict | None = None) -> BatchRow:
+                     dialect: str = "native", dialect_data: dict | None = None,
+                     id_prefix: str = "batch") -> BatchRow:
         """A batch and its items (read lazily in chunks) in one transaction; InvalidInput
         and nothing written if any item is bad."""
         ...
@@ -51,8 +52,9 @@ class Store(Protocol):
         """Newest first, after the batch whose id is `after`; and whether more follow."""
         ...
 
-    def batch_rows_list(self, tenant: str, *, dialect: str, after: str | None, limit: int
-                        ) -> tuple[list[BatchRow], bool]: ...
+    def batch_rows_list(self, tenant: str, *, dialect: str, after: str | None, limit: int,
+                        before: str | None = None) -> tuple[list[BatchRow], bool]: ...
+    def batch_delete(self, batch_id: str, tenant: str | None) -> None: ...
 
     def batch_cancel(self, batch_id: str, tenant: str | None, now: float
                      ) -> tuple[Batch, int]:
