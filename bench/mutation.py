@@ -82,6 +82,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/integration/test_webhooks.py",
         "tests/integration/test_ssrf.py",
         "tests/integration/test_hostile_receivers.py",
+        "tests/integration/test_webhook_endpoints.py",
     ]),
     "store": ("minibatch/store", [
         "tests/unit/test_store.py",
@@ -96,6 +97,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/integration/test_hardening.py",
         "tests/integration/test_server_limits.py",
         "tests/integration/test_contract.py",
+        "tests/integration/test_webhook_endpoints.py",
     ]),
 }
 PYTEST_ARGS = "-x -q -p no:randomly -p no:cacheprovider --hypothesis-seed=0"
