@@ -207,8 +207,10 @@ def p(tenant) -> str:
 def test_the_fake_upstream_serves_messages_and_honours_chat_stops():
     """The referee's referee: /v1/messages answers by model as tests/upstream.py says, to
     the real SDK; the chat fake honours max_tokens and stop; fast mode serves both."""
-    with Upstream(retry_after="1") as up:
-        client = anthropic.Anthropic(base_url=up.root, api_key="sk-ant-x", max_retries=0)
+    with Upstream(retry_after="1") as up, anthropic.Anthropic(
+            base_url=up.root, api_key="sk-ant-x", max_retries=0) as client, openai.OpenAI(
+            base_url=up.url, api_key="sk-x", max_retries=0) as chat:
+        # (clients closed at the end: a client left to the collector warns in a later test)
         say = [{"role": "user", "content": "hi"}]
         ok = client.messages.with_raw_response.create(model="m", max_tokens=16, messages=say)
         message = ok.parse()
@@ -248,7 +250,6 @@ def test_the_fake_upstream_serves_messages_and_honours_chat_stops():
             with pytest.raises(anthropic.InternalServerError):
                 client.messages.create(model="always-500", max_tokens=16, messages=say)
 
-        chat = openai.OpenAI(base_url=up.url, api_key="sk-x", max_retries=0)
         length = chat.chat.completions.create(model="m", max_tokens=1, messages=[
             {"role": "user", "content": "a b c"}])
         assert length.choices[0].finish_reason == "length"

@@ -152,8 +152,8 @@ def p(tenant) -> str:
 
 def test_the_fake_upstream_answers_by_model():
     """The referee's referee: each model behaves as tests/upstream.py says, to the SDK."""
-    with Upstream(retry_after="1") as up:
-        client = openai.OpenAI(base_url=up.url, api_key="sk-x", max_retries=0)
+    with Upstream(retry_after="1") as up, openai.OpenAI(
+            base_url=up.url, api_key="sk-x", max_retries=0) as client:
         say = [{"role": "user", "content": "hi"}]
         ok = client.chat.completions.with_raw_response.create(model="m", messages=say)
         assert ok.parse().choices[0].message.content == "echo: hi"
