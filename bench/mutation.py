@@ -72,6 +72,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/unit/test_poison_and_stall.py",
     ]),
     "runner": ("minibatch/runner.py", [
+        "tests/unit/test_runner_survivors.py",  # the loops' pieces one at a time: fast
         "tests/unit/test_runner.py",
         "tests/unit/test_loops_once.py",
         "tests/unit/test_poison_and_stall.py",

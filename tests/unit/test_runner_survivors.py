@@ -1,0 +1,736 @@
+"""The runner's loops and their pieces, one at a time, pinned where mutation testing of
+runner.py (bench/mutation.py) found that nothing else noticed a change.
+
+As in test_loops_once.py, the runner's parts are driven directly over a real SQLite file
+with an injected clock, or a real `Minibatch` runs and the test waits on observed state
+with a generous deadline. Where a loop's cadence is the point, runner.py's `anyio` is a
+stand-in whose `sleep` records the delay asked for (`Sleeps`); nothing asserts on time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+import minibatch
+import minibatch.runner
+from minibatch.config import make_settings
+from minibatch.errors import StorageUnavailable
+from minibatch.handlers import Registry, cancelled_outcome
+from minibatch.metrics import Histogram
+from minibatch.runner import KindPool, Runner, _pid_alive
+from minibatch.store import Outcome, SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_700_000_000.0
+LEASE = 30.0
+
+
+async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+async def yield_many(n: int = 50) -> None:
+    """Let every ready task run, `n` times over, without letting time pass."""
+    for _ in range(n):
+        await anyio.sleep(0)
+
+
+def build(db_path: str, clock: list[float], *, items: int = 1, concurrency: int = 4,
+          fn: Callable | None = None, latency: Histogram | None = None, **settings
+          ) -> tuple[SqliteStore, Runner, KindPool, str]:
+    """A runner over a real store, reading the test's clock, with kind `k` (registered,
+    its pool in `runner.pools`) and a batch of `items` items of it (if any)."""
+    store = SqliteStore(db_path)
+    registry = Registry()
+    handler = registry.register("k", fn or (lambda item: item.input), concurrency=concurrency,
+                                timeout=None, max_attempts=None)
+    settings.setdefault("lease_s", LEASE)
+    runner = Runner(store, registry, make_settings(db=db_path, **settings), lambda: clock[0],
+                    latency or Histogram())
+    pool = runner.pools["k"] = KindPool(handler)
+    if not items:
+        return store, runner, pool, ""
+    row = store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(items)],
+                             now=clock[0], max_attempts=3)
+    return store, runner, pool, row.id
+
+
+def statuses(store: SqliteStore) -> dict[int, tuple[str, int]]:
+    """Item seq -> (status, attempts)."""
+    return {seq: (status, attempts) for seq, status, attempts in store.conn.execute(
+        "SELECT seq, status, attempts FROM items")}
+
+
+class Stop(Exception):
+    """Raised from a recorded sleep to end the loop under test."""
+
+
+class Sleeps:
+    """Stands in for runner.py's `anyio`: `sleep` records each delay, calls `then` (which
+    may raise Stop to end the loop), and yields once; everything else is anyio's."""
+
+    def __init__(self, then: Callable[[float], None] | None = None) -> None:
+        self.delays: list[float] = []
+        self.then = then
+
+    def __getattr__(self, name: str):
+        return getattr(anyio, name)
+
+    async def sleep(self, delay: float) -> None:
+        self.delays.append(delay)
+        if self.then is not None:
+            self.then(delay)
+        await anyio.sleep(0)
+
+
+def stop(delay: float) -> None:
+    raise Stop
+
+
+# -- recover: a dead process's items, and only a dead one's ----------
+
+
+def dead_pid(above: int | None = None, below: int | None = None) -> int | None:
+    """A pid no process has: a reaped child's if it is on the wanted side (the kernel does
+    not hand it out again before wrapping around), else the nearest free one found (None
+    if there is none below)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    if (above is None or proc.pid > above) and (below is None or proc.pid < below):
+        return proc.pid
+    pids = range(above + 1, 1 << 22) if above is not None else range(below - 1, 1, -1)
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    return None
+
+
+async def test_recover_takes_back_the_items_of_dead_processes_of_this_host_only(db_path):
+    clock = [T0]
+    store, runner, _, batch_id = build(db_path, clock, items=6, claim_size=1)
+    host, me = socket.gethostname(), os.getpid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owners = {
+            "dead, a lower pid": (f"{host}:{dead_pid(below=me)}:abcd", "queued"),
+            "dead, a higher pid": (f"{host}:{dead_pid(above=me)}:abcd", "queued"),
+            "alive": (f"{host}:{live.pid}:abcd", "running"),
+            "this process, another runner": (f"{host}:{me}:abcd", "running"),
+            # other hosts' pids say nothing of this one's (names sorting before and after)
+            "another host": (f"{host[:-1]}:{dead_pid()}:abcd", "running"),
+            "yet another host": (f"{host}-2:{dead_pid()}:abcd", "running"),
+        }
+        if owners["dead, a lower pid"][0].endswith(":None:abcd"):  # every lower pid is taken
+            del owners["dead, a lower pid"]
+        seqs = {}
+        for name, (owner, _) in owners.items():
+            runner.owner = owner
+            pool = KindPool(runner.registry.handlers["k"])
+            assert runner.claim_once(pool) == 1
+            seqs[name] = pool.ready[0].seq
+        recovering = Runner(store, runner.registry, runner.settings, lambda: clock[0],
+                            Histogram())
+        recovering.recover()
+        after = statuses(store)
+        assert {name: after[seqs[name]] for name in owners} == {
+            name: (status, 1) for name, (_, status) in owners.items()}
+        # A live owner is asked with signal 0, which is no signal: it runs on.
+        with pytest.raises(subprocess.TimeoutExpired):
+            live.wait(timeout=0.5)
+    finally:
+        live.kill()
+        live.wait()
+    rescued = [r for r in store.items_page(batch_id, None, status="queued", limit=10,
+                                           after=-1)[0] if r.attempts]
+    assert [r.error.code for r in rescued] == ["lease_expired"] * (len(owners) - 4)
+    store.close()
+
+
+def test_a_process_that_may_not_be_signalled_is_alive(monkeypatch):
+    real = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        if pid == 4_000_000:  # another user's process, as root never sees one
+            raise PermissionError(1, "Operation not permitted")
+        real(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert _pid_alive(4_000_000)
+    assert not _pid_alive(dead_pid())
+
+
+# -- drain, notify, cancel_local ----------
+
+
+async def test_drain_hands_back_items_not_started_and_stops_claiming(db_path):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=3)
+    assert runner.claim_once(pool) == 3  # claimed, waiting in the deque: no worker runs
+    with anyio.fail_after(10):
+        await runner.drain(grace_s=0.5)
+    assert not pool.ready and pool.in_flight == 0
+    assert pool.wake.is_set()  # the claimer wakes to see it must stop
+    assert set(statuses(store).values()) == {("queued", 0)}  # handed back, not counted
+    assert runner.claim_once(pool) == 0  # a late pass of the claimer takes nothing
+    assert set(statuses(store).values()) == {("queued", 0)}
+    store.close()
+
+
+async def test_drain_looks_at_the_running_items_often(db_path, monkeypatch):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock)
+    pool.in_flight = 1  # as if a worker ran an item; it ends while drain waits
+
+    def item_ends(delay: float) -> None:
+        pool.in_flight = 0
+
+    sleeps = Sleeps(item_ends)
+    monkeypatch.setattr(minibatch.runner, "anyio", sleeps)
+    await runner.drain(grace_s=30)
+    assert len(sleeps.delays) == 1 and 0 < sleeps.delays[0] <= 0.05  # a stop is prompt
+    store.close()
+
+
+async def test_drain_hands_items_back_even_when_their_outcomes_cannot_be_written(
+        db_path, caplog):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=2)
+    assert runner.claim_once(pool) == 2
+    done = pool.ready.popleft()
+    runner.outcomes.append(Outcome(done.seq, done.batch_seq, done.token, "succeeded", b"1",
+                                   None, 0.0))
+
+    def unavailable(*args, **kwargs):
+        raise StorageUnavailable("disk full")
+
+    store.items_finish = unavailable
+    with anyio.fail_after(10):
+        await runner.drain(grace_s=0.5)  # the shutdown goes on, without that write
+    assert set(statuses(store).values()) == {("queued", 0)}  # that item runs again
+    assert "could not write 1 outcomes" in caplog.text
+    store.close()
+
+
+async def test_notify_wakes_the_claimer_of_that_kind_and_ignores_other_kinds(db_path):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock)
+    runner.notify("other")  # no such pool: nothing to wake, no error
+    assert not pool.wake.is_set()
+    runner.notify("k")
+    assert pool.wake.is_set()
+    store.close()
+
+
+async def test_cancel_local_interrupts_only_the_running_items_of_that_batch(db_path):
+    clock = [T0]
+    store, runner, _, _ = build(db_path, clock)
+    scopes = {seq: anyio.CancelScope() for seq in (999, 1000, 2000)}
+    # Batch seqs as the store returns them: equal ints, not the same objects.
+    for i, seq in enumerate(scopes):
+        runner.running[i, 1] = (int(str(seq)), scopes[seq])
+    runner.running[9, 1] = (int("1000"), None)  # a kind a cancel lets finish
+    runner.cancel_local(int("1000"))
+    assert {seq: s.cancel_called for seq, s in scopes.items()} == {
+        999: False, 1000: True, 2000: False}
+    assert runner.cancelled == {1000}
+    store.close()
+
+
+# -- the claimer and claim_once ----------
+
+
+def count_calls(obj, name: str) -> list[int]:
+    real, calls = getattr(obj, name), [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return calls
+
+
+async def test_claim_once_takes_no_more_than_the_free_slots_and_nothing_when_stopping(
+        db_path):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=20, concurrency=2)
+    room = pool.free
+    pool.in_flight = 1
+    assert pool.free == room - 1  # one slot per item claimed and not finished
+    pool.in_flight = 0
+    assert runner.claim_once(pool) == room
+    assert (pool.free, len(pool.ready)) == (0, room)
+    calls = count_calls(store, "items_claim")
+    assert runner.claim_once(pool) == 0  # full: it claims nothing, and asks nothing
+    assert calls[0] == 0
+    pool.in_flight -= 1
+    assert pool.free == 1
+    runner.stopping = True
+    assert runner.claim_once(pool) == 0  # stopping: not one more, though a slot is free
+    assert calls[0] == 0
+    assert [s for s, _ in statuses(store).values()].count("queued") == 20 - room
+    store.close()
+
+
+@pytest.mark.parametrize("free", ["all", "one"])
+async def test_an_idle_claimer_waits_for_a_wake_rather_than_asking_the_store_again(db_path,
+                                                                                   free):
+    clock = [T0]
+    store, runner, pool, batch_id = build(db_path, clock, items=1, poll_interval_s=60)
+    store.batch_cancel(batch_id, None, clock[0])  # nothing due
+    if free == "one":
+        pool.in_flight = pool.free - 1  # the other slots hold items claimed before
+    calls = count_calls(store, "items_claim")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.claimer, pool)
+        await yield_many()
+        assert calls[0] == 1  # one pass found nothing; it waits (here, 60 s or a wake)
+        store.batch_insert(tenant="t", kind="k", items=[{"input": 1}], now=clock[0],
+                           max_attempts=3)
+        runner.notify("k")
+        await until(lambda: pool.ready)
+        await yield_many()
+        assert calls[0] <= 3  # the claim, one more pass that found nothing; then it waits
+        tg.cancel_scope.cancel()
+    store.close()
+
+
+async def test_a_claimer_capped_by_claim_size_claims_on_at_once_till_every_worker_has_one(
+        db_path):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=20, concurrency=4, claim_size=2,
+                                   poll_interval_s=60)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.claimer, pool)
+        await until(lambda: pool.in_flight >= 4)  # in claims of 2, without a 60 s poll
+        tg.cancel_scope.cancel()
+    store.close()
+
+
+async def test_a_claimer_that_found_its_pool_full_claims_again_as_items_finish(db_path):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=40, concurrency=2,
+                                   poll_interval_s=60)
+    assert runner.claim_once(pool) > 0 and pool.free == 0  # no worker runs them
+    claims, passes = count_calls(store, "items_claim"), count_calls(runner, "claim_once")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.claimer, pool)
+        await yield_many()
+        assert (passes[0], claims[0]) == (1, 0)  # it found the pool full; it waits
+        while pool.ready and not claims[0]:  # the items finish, one at a time
+            c = pool.ready.popleft()
+            runner.running[c.seq, c.token] = (c.batch_seq, None)
+            runner._finish(pool, c, cancelled_outcome(c))
+            await yield_many()
+        assert claims[0]  # it claimed again, at once: not after the 60 s poll
+        tg.cancel_scope.cancel()
+    store.close()
+
+
+@pytest.mark.parametrize("concurrency", [2, 300])  # 300: past the ints Python keeps one of
+async def test_the_claimer_keeps_one_group_claimed_ahead_of_the_workers(db_path, concurrency):
+    """The deque holds up to one kind's worth of claimed items beside the running ones:
+    the claimer fills it, waits while items wait in it, and fills it again once it has
+    run dry (in_flight back at the concurrency), not at each finished item."""
+    c = concurrency
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=1, concurrency=c,
+                                   poll_interval_s=60, claim_size=10 * c)
+    passes = count_calls(runner, "claim_once")
+
+    def submit(n: int) -> None:
+        store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(n)],
+                           now=clock[0], max_attempts=3)
+        runner.notify("k")
+
+    def finish_one() -> None:
+        item = pool.ready.popleft()
+        runner.running[item.seq, item.token] = (item.batch_seq, None)
+        runner._finish(pool, item, cancelled_outcome(item))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.claimer, pool)
+        await until(lambda: pool.in_flight == 1)
+        await yield_many()
+        assert passes[0] == 2  # the claim, a pass that found nothing; then it waits
+        submit(c - 1)  # up to the concurrency: the claimer goes on claiming
+        await until(lambda: pool.in_flight == c)
+        submit(c + 1)  # the deque fills, one item is left over
+        await until(lambda: pool.in_flight == 2 * c)
+        await yield_many()
+        settled = passes[0]
+        submit(1)  # a wake, while items wait in the deque: the claimer waits on
+        await yield_many()
+        for _ in range(c - 1):  # finished items, the deque not yet dry: it waits on
+            finish_one()
+            await yield_many(3)
+        assert (passes[0], pool.in_flight) == (settled, c + 1)
+        finish_one()  # the deque ran dry: it claims the two left at once
+        await until(lambda: pool.in_flight == c + 2)
+        tg.cancel_scope.cancel()
+    store.close()
+
+
+# -- workers and _finish ----------
+
+
+async def test_a_claim_wakes_one_idle_worker_until_that_one_has_run():
+    """Each woken worker wakes the next before it runs an item (`_drain`), so claims in
+    between wake no one more: waking every worker per claim cost more than the items."""
+    pool = KindPool(Registry().register("k", lambda item: None, concurrency=3, timeout=None,
+                                        max_attempts=None))
+    idle = pool.idle[:] = [anyio.Event() for _ in range(3)]
+    pool.wake_one()
+    pool.wake_one()  # another claim before the woken worker ran
+    assert [e.is_set() for e in idle] == [False, False, True] and pool.waking
+    pool.waking = False  # as that worker does when it runs
+    pool.wake_one()
+    assert [e.is_set() for e in idle] == [False, True, True]
+
+
+async def test_items_claimed_together_run_on_as_many_workers(db_path):
+    mb = minibatch.Minibatch(db_path, poll_interval_s=60)
+    started, alone = [], []
+    all_started = anyio.Event()
+
+    @mb.handler("k", concurrency=3, max_attempts=1)
+    async def together(item):
+        started.append(item.input)
+        if len(started) == 3:
+            all_started.set()
+        with anyio.move_on_after(5) as scope:
+            await all_started.wait()
+        alone.append(scope.cancelled_caught)
+
+    async with mb:
+        batch = await mb.submit("k", [{"input": i} for i in range(3)])  # one claim of 3
+        done = await mb.wait(batch.id, timeout=30)
+    mb.close()
+    assert alone == [False] * 3 and done.metrics.succeeded == 3
+
+
+async def test_a_full_pool_claims_the_next_items_while_one_item_runs_on(db_path):
+    mb = minibatch.Minibatch(db_path, poll_interval_s=60)  # no poll comes to the rescue
+    started, waited_out = [], []
+    last = anyio.Event()
+
+    @mb.handler("k", concurrency=2, max_attempts=1)
+    async def slow_first(item):
+        started.append(item.input)
+        if len(started) == 1:  # runs on until every other item has started beside it
+            with anyio.move_on_after(10) as scope:
+                await last.wait()
+            waited_out.append(scope.cancelled_caught)
+        elif len(started) == 7:
+            last.set()
+
+    async with mb:
+        batch = await mb.submit("k", [{"input": i} for i in range(7)])
+        done = await mb.wait(batch.id, timeout=30)
+    mb.close()
+    assert waited_out == [False] and done.metrics.succeeded == 7
+
+
+async def test_a_waiting_item_of_a_cancelled_or_expired_batch_never_starts(db_path):
+    clock = [T0]
+    ran = []
+
+    async def record(item):
+        ran.append(item.input)
+        return item.input
+
+    store, runner, pool, _ = build(db_path, clock, items=0, fn=record)
+    batches = {name: store.batch_insert(tenant="t", kind="k", items=[{"input": name}],
+                                        now=T0, max_attempts=3, expires_at=expires_at)
+               for name, expires_at in (("cancelled", None), ("expires now", T0 + 10),
+                                        ("expires later", T0 + 11), ("never expires", None))}
+    assert runner.claim_once(pool) == 4  # all four wait in the deque
+    store.batch_cancel(batches["cancelled"].id, None, T0)
+    runner.cancel_local(batches["cancelled"].seq)
+    clock[0] = T0 + 10
+    await runner._drain(pool)  # one drain runs the deque dry
+    assert not pool.ready and pool.in_flight == 0 and not runner.running
+    assert sorted(ran) == ["expires later", "never expires"]
+    by_batch = {o.batch_seq: o.status for o in runner.outcomes}
+    assert {name: by_batch[b.seq] for name, b in batches.items()} == {
+        "cancelled": "cancelled", "expires now": "expired",
+        "expires later": "succeeded", "never expires": "succeeded"}
+    store.close()
+
+
+async def test_cancelling_a_batch_interrupts_the_running_items_of_interruptible_kinds_only(
+        db_path):
+    mb = minibatch.Minibatch(db_path, poll_interval_s=0.02)
+    started = {"soft": anyio.Event(), "firm": anyio.Event()}
+    release, ended = anyio.Event(), []
+
+    def kind(name: str, interruptible: bool) -> None:
+        @mb.handler(name, interruptible=interruptible, max_attempts=1)
+        async def run(item):
+            started[name].set()
+            with anyio.fail_after(10):
+                await release.wait()
+            ended.append(name)
+            return "answer"
+
+    kind("soft", True)
+    kind("firm", False)
+    async with mb:
+        soft = await mb.submit("soft", [{"input": 1}])
+        firm = await mb.submit("firm", [{"input": 1}])
+        with anyio.fail_after(10):
+            await started["soft"].wait()
+            await started["firm"].wait()
+        await mb.cancel(soft.id)
+        await mb.cancel(firm.id)
+        soft_done = await mb.wait(soft.id, timeout=10)  # interrupted: ends at once
+        assert ended == []
+        release.set()  # the other's request, already sent, gets its answer
+        firm_done = await mb.wait(firm.id, timeout=10)
+        [firm_result] = [r async for r in mb.results(firm.id)]
+    mb.close()
+    assert soft_done.status == "cancelled" and soft_done.metrics.cancelled == 1
+    assert ended == ["firm"] and firm_result.output == "answer"
+    assert firm_done.status == "cancelled" and firm_done.metrics.succeeded == 1
+
+
+async def test_latency_is_the_time_from_claim_to_outcome_on_the_runners_clock(db_path):
+    clock = [T0]
+
+    async def takes_2_5_s(item):
+        clock[0] += 2.5
+        return item.input
+
+    latency = Histogram()
+    store, runner, pool, _ = build(db_path, clock, fn=takes_2_5_s, latency=latency)
+    assert runner.claim_once(pool) == 1
+    await runner._drain(pool)
+    assert latency.sum == 2.5
+    assert latency.counts[latency.buckets.index(5.0)] == 1  # 1 s < 2.5 s <= 5 s
+    assert [o.status for o in runner.outcomes] == ["succeeded"]
+    store.close()
+
+
+async def test_a_fault_in_finishing_an_item_is_raised_as_itself_once(db_path):
+    class Broken(Histogram):
+        def observe(self, value: float) -> None:
+            raise RuntimeError("observe failed")
+
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, latency=Broken())
+    assert runner.claim_once(pool) == 1
+    with pytest.raises(RuntimeError, match="observe failed"):
+        await runner._drain(pool)
+    assert len(runner.outcomes) == 1 and not runner.running  # its outcome is kept, once
+    store.close()
+
+
+# -- completer, heartbeat, rescuer ----------
+
+
+async def test_writing_a_retry_wakes_the_claimers_and_only_a_retry_does(db_path):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=4)
+    assert runner.complete_once() == 0  # nothing to write
+    assert runner.claim_once(pool) == 4
+    retry, *others = [pool.ready.popleft() for _ in range(4)]
+    # Outcomes that end their items bring nothing due: the claimers sleep on (a wake
+    # would cost each of them a pass, a write transaction, for nothing).
+    runner.outcomes += [Outcome(c.seq, c.batch_seq, c.token, status, b"1", None, 0.0)
+                        for c, status in zip(others, ("succeeded", "failed", "cancelled"),
+                                             strict=True)]
+    assert runner.complete_once() == 3 and not pool.wake.is_set()
+    c = retry
+    runner.outcomes.append(Outcome(c.seq, c.batch_seq, c.token, "queued", None,
+                                   b'{"code":"retry","message":"again"}', clock[0]))
+    assert runner.complete_once() == 1
+    assert pool.wake.is_set()  # the retry is due now: the claimer need not wait a poll
+    assert statuses(store)[c.seq] == ("queued", 1)
+    store.close()
+
+
+async def test_a_heartbeat_or_a_rescue_pass_extends_a_lease_by_one_lease(db_path):
+    clock = [T0]
+    store, here, pool, _ = build(db_path, clock, items=2, claim_size=1)
+    there = Runner(store, here.registry, here.settings, lambda: clock[0], Histogram())
+    for extend in (here.heartbeat_once, here.rescue_once):
+        pool = KindPool(here.registry.handlers["k"])
+        assert here.claim_once(pool) == 1
+        seq = pool.ready[0].seq
+        clock[0] += 20
+        extend()
+        [(until_,)] = store.conn.execute("SELECT lease_until FROM items WHERE seq=?", (seq,))
+        assert until_ == clock[0] + LEASE
+        clock[0] += LEASE + 1  # `here` died after that pass: its lease lapses
+        assert there.rescue_once() == 1
+        assert statuses(store)[seq] == ("queued", 1)
+    store.close()
+
+
+async def test_the_heartbeat_beats_more_than_twice_a_lease(db_path, monkeypatch):
+    clock = [T0]
+    store, runner, _, _ = build(db_path, clock, lease_s=1.5)
+    sleeps = Sleeps(stop)
+    monkeypatch.setattr(minibatch.runner, "anyio", sleeps)
+    with pytest.raises(Stop):
+        await runner.heartbeat()
+    [delay] = sleeps.delays
+    # more than twice a lease, so a beat a little late still finds its lease; and never
+    # a spin, however short the lease
+    assert 0 < delay < 1.5 / 2
+    store.close()
+
+
+async def test_the_rescuer_passes_about_every_half_lease(db_path, monkeypatch):
+    clock = [T0]
+    store, runner, _, _ = build(db_path, clock, lease_s=1.5)
+    sleeps = Sleeps(stop)
+    monkeypatch.setattr(minibatch.runner, "anyio", sleeps)
+    with pytest.raises(Stop):
+        await runner.rescuer()
+    [delay] = sleeps.delays
+    # soon after a lease lapses, but not so often that each pass's write is waste
+    assert 1.5 / 4 <= delay <= 1.5 / 2
+    store.close()
+
+
+def runner_errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "minibatch.runner" and r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(("loop", "method"), [
+    ("heartbeat", "leases_extend"),
+    ("rescuer", "items_rescue"),
+    ("expirer", "batches_expire"),
+    ("checkpointer", "checkpoint"),
+])
+async def test_a_loop_waits_out_a_storage_fault_quietly_and_goes_on(db_path, monkeypatch,
+                                                                   caplog, loop, method):
+    """A store that cannot be reached is expected (a full disk, a lock held too long): the
+    loop tries again on its next pass, without an error and its traceback in the log."""
+    clock = [T0]
+    store, runner, _, _ = build(db_path, clock)
+    calls = [0]
+
+    def unavailable(*args, **kwargs):
+        calls[0] += 1
+        raise StorageUnavailable("disk gone")
+
+    setattr(store, method, unavailable)
+
+    def twice(delay: float) -> None:
+        if calls[0] == 2:
+            raise Stop
+
+    monkeypatch.setattr(minibatch.runner, "anyio", Sleeps(twice))
+    with pytest.raises(Stop):
+        await getattr(runner, loop)()
+    assert calls[0] == 2 and runner_errors(caplog) == []
+    store.close()
+
+
+async def test_a_failing_store_is_retried_after_a_pause_not_in_a_spin(db_path, monkeypatch,
+                                                                      caplog):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=3, poll_interval_s=60)
+    real_claim, faults = store.items_claim, [2]
+
+    def claim(*args, **kwargs):
+        if faults[0]:
+            faults[0] -= 1
+            raise StorageUnavailable("disk gone")
+        return real_claim(*args, **kwargs)
+
+    def unavailable(*args, **kwargs):
+        raise StorageUnavailable("disk gone")
+
+    store.items_claim = claim
+    store.items_finish = unavailable
+    sleeps = Sleeps()
+    monkeypatch.setattr(minibatch.runner, "anyio", sleeps)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.claimer, pool)
+        await until(lambda: pool.ready)  # two failed passes, then the claim
+        tg.cancel_scope.cancel()
+    assert len(pool.ready) == 3 and faults == [0]
+    assert sleeps.delays[:2] == [sleeps.delays[0]] * 2 and sleeps.delays[0] > 0
+    sleeps.then = stop
+    runner.outcomes.append(Outcome(1, 1, 1, "succeeded", b"1", None, 0.0))
+    runner.outcome_ready.set()
+    with pytest.raises(Stop):
+        await runner.completer()
+    assert len(runner.outcomes) == 1  # kept for the next try
+    assert sleeps.delays[-1] > 0
+    assert runner_errors(caplog) == []  # expected, and retried: not an error
+    store.close()
+
+
+async def test_the_expirer_passes_every_little_while_and_outlives_a_failing_pass(
+        db_path, monkeypatch, caplog):
+    clock = [T0]
+    store, runner, _, _ = build(db_path, clock, items=0)
+    row = store.batch_insert(tenant="t", kind="k", items=[{"input": 1}], now=T0,
+                             max_attempts=3, expires_at=T0 + 5)
+    real, faults = store.batches_expire, [StorageUnavailable("disk gone"), RuntimeError("x")]
+
+    def expire(now: float) -> list[int]:
+        if faults:
+            raise faults.pop(0)
+        return real(now)
+
+    store.batches_expire = expire
+    passes = count_calls(runner, "expire_once")
+
+    def move_on(delay: float) -> None:
+        clock[0] += 1
+        if passes[0] == 6:
+            raise Stop
+
+    sleeps = Sleeps(move_on)
+    monkeypatch.setattr(minibatch.runner, "anyio", sleeps)
+    with pytest.raises(Stop):
+        await runner.expirer()
+    assert not faults and store.batch_get(row.id).status == "expired"
+    intervals = [d for d in sleeps.delays if d != minibatch.runner.LOOP_ERROR_PAUSE_S]
+    assert len(intervals) == 7 and all(0 < d <= 5 for d in intervals)
+    [error] = runner_errors(caplog)  # the RuntimeError; the storage fault is no error
+    assert error.startswith("expirer: a pass failed")
+    store.close()
+
+
+async def test_the_checkpointer_turns_automatic_checkpoints_off_while_it_runs(
+        db_path, monkeypatch):
+    clock = [T0]
+    store, runner, _, _ = build(db_path, clock)
+
+    def wal_autocheckpoint() -> int:
+        return store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+
+    seen = []
+
+    def look(delay: float) -> None:
+        seen.append(wal_autocheckpoint())
+        raise Stop
+
+    monkeypatch.setattr(minibatch.runner, "anyio", Sleeps(look))
+    assert wal_autocheckpoint() == 1000
+    with pytest.raises(Stop):
+        await runner.checkpointer()
+    assert seen == [0] and wal_autocheckpoint() == 1000
+    store.close()
