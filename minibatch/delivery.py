@@ -146,7 +146,7 @@ def retry_after_s(value: str | None, now: float) -> float:
     except ValueError:
         try:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # a receiver's header: anything
             return 0.0
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
@@ -344,7 +344,7 @@ def literal_blocked(url: str) -> str | None:
     socket factory checks again, whatever this misses."""
     try:
         host = (yarl.URL(url).host or "").rstrip(".")
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, IndexError):  # yarl raises IndexError for `http://[]@`
         return None  # not a URL the client can send to either
     try:
         address = str(ipaddress.ip_address(host.split("%")[0]))

@@ -85,3 +85,21 @@ def test_numeric_spellings_in_a_url_are_refused_before_sending(spelling):
 
     assert "127.0.0.1" in literal_blocked(f"http://{spelling}:8080/hook")
     assert literal_blocked("http://example.com/hook") is None
+
+
+def test_a_retry_after_date_past_what_a_datetime_holds_is_ignored():
+    """Found by mutation testing: email.utils raised OverflowError, which escaped the send
+    and ended the deliverer's task group."""
+    from minibatch.delivery import retry_after_s
+
+    assert retry_after_s("Mon, 01 Jan 2020 99999999999999999999:00:00 GMT", 0.0) == 0.0
+
+
+def test_a_url_yarl_cannot_read_is_no_blocked_literal_and_a_422_at_the_api(client):
+    """`http://[]@` made yarl raise IndexError: a 500 at the API before this."""
+    from minibatch.delivery import literal_blocked
+
+    assert literal_blocked("http://[]@") is None
+    r = client.post("/v1/batches", json={"kind": "echo", "items": [{"input": 1}],
+                                         "webhook": {"url": "http://[]@"}})
+    assert r.status_code == 422, r.text
