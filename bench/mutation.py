@@ -78,6 +78,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/unit/test_poison_and_stall.py",
     ]),
     "delivery": ("minibatch/delivery.py", [
+        "tests/unit/test_delivery_survivors.py",  # the guard, one attempt, a pass at a time
         "tests/unit/test_delivery.py",
         "tests/unit/test_loops_once.py",
         "tests/integration/test_webhooks.py",
@@ -94,6 +95,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/integration/test_storage_faults.py",
     ]),
     "api": ("minibatch/api.py", [
+        "tests/integration/test_api_details.py",
         "tests/integration/test_api.py",
         "tests/integration/test_hardening.py",
         "tests/integration/test_server_limits.py",
