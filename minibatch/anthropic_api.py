@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import models
-from .api import Api, decode_json, dialect_app
+from .api import Api, decode_json, dialect_app, limit_arg
 from .errors import BadRequest, IdempotencyMismatch, InvalidInput, MinibatchError, NotFound
 from .models import to_datetime
 from .store import BatchRow, readable_error
@@ -189,13 +189,9 @@ class AnthropicApi:
 
     async def list(self, request: Request, tenant: str) -> Response:
         q = request.query_params
-        limit = q.get("limit", "20")
-        if not (limit.isascii() and limit.isdigit() and 1 <= int(limit[:6]) <= 1000):
-            raise InvalidInput("limit must be an integer from 1 to 1000",
-                               [{"field": "limit", "message": "1-1000"}])
         rows, more = self.mb.store.batch_rows_list(
             tenant, dialect="anthropic", after=q.get("after_id"), before=q.get("before_id"),
-            limit=int(limit))
+            limit=limit_arg(q.get("limit"), 20, 1000))
         data = [message_batch(r) for r in rows]
         return _json(Page(data, more, data[0].id if data else None,
                           data[-1].id if data else None))

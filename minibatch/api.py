@@ -217,11 +217,7 @@ class Api:
         if status is not None and status not in statuses:
             raise InvalidInput(f"unknown status {status!r}",
                                [{"field": "status", "message": f"one of {', '.join(statuses)}"}])
-        limit = _decimal(q.get("limit", "100"))
-        if limit is None or not 1 <= limit <= 1000:
-            raise InvalidInput("limit must be an integer from 1 to 1000",
-                               [{"field": "limit", "message": "1-1000"}])
-        return status, limit, q.get("after")
+        return status, limit_arg(q.get("limit"), 100, 1000), q.get("after")
 
     # -- routes ----------
 
@@ -441,6 +437,15 @@ async def _result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tupl
         page = await anext(rest, None)
 
 
+def limit_arg(text: str | None, default: int, top: int) -> int:
+    """A page's `limit` query value: 1 to `top`, `default` when absent (422 otherwise)."""
+    limit = default if text is None else _decimal(text)
+    if limit is None or not 1 <= limit <= top:
+        raise InvalidInput(f"limit must be an integer from 1 to {top}",
+                           [{"field": "limit", "message": f"1-{top}"}])
+    return limit
+
+
 def _decimal(text: str) -> int | None:
     """An int from at most 18 ASCII digits (str.isdigit also accepts '³' and friends;
     Python refuses to read ints past 4,300 digits, and nothing here needs 19)."""
@@ -467,18 +472,22 @@ def _limited_receive(receive: Callable, limit: int) -> Callable:
     return limited
 
 
-async def _problem_handler(request: Request, exc: Exception) -> Response:
+def as_error(exc: Exception) -> MinibatchError:
+    """One of our errors, or Starlette's HTTPException (an unknown route, a wrong method)
+    as one, so every dialect renders both alike."""
     if isinstance(exc, MinibatchError):
-        return problem_response(exc)
+        return exc
     assert isinstance(exc, HTTPException)
     error = MinibatchError(exc.detail)
     error.status = exc.status_code
     error.title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code,
                                                                   "HTTP error")
-    response = problem_response(error)
-    if exc.headers:
-        response.headers.update(exc.headers)
-    return response
+    error.headers = dict(exc.headers or {})
+    return error
+
+
+async def _problem_handler(request: Request, exc: Exception) -> Response:
+    return problem_response(as_error(exc))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -493,17 +502,20 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return problem_response(MinibatchError("internal error; see the server log"))
 
 
-def _endpoint(api: Api, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
-    """The route's handler; unless the endpoint is public, called with the request's
-    tenant, so authentication is the default of every route."""
-    handler = getattr(api, endpoint.name)
-    if not endpoint.auth:
-        return handler
-
+def with_tenant(api: Api, handler: Callable[[Request, str], Awaitable[Response]]
+                ) -> Callable[[Request], Awaitable[Response]]:
+    """`handler`, called with the request's tenant: authentication happens before it."""
     async def authenticated(request: Request) -> Response:
         return await handler(request, api.auth.tenant(request))
 
     return authenticated
+
+
+def _endpoint(api: Api, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    """The route's handler; unless the endpoint is public, called with the request's
+    tenant, so authentication is the default of every route."""
+    handler = getattr(api, endpoint.name)
+    return with_tenant(api, handler) if endpoint.auth else handler
 
 
 def dialect_app(api: Api, dialect: Any, routes: list[tuple[str, str, str]],
@@ -511,23 +523,11 @@ def dialect_app(api: Api, dialect: Any, routes: list[tuple[str, str, str]],
     """A dialect's routes as an app of its own, to mount under its prefix: each route
     (method, path, name of a `dialect` method) gets the request's tenant, as ours do,
     and every error leaves in the dialect's shape."""
-    def authenticated(name: str) -> Callable[[Request], Awaitable[Response]]:
-        handler = getattr(dialect, name)
-
-        async def route(request: Request) -> Response:
-            return await handler(request, api.auth.tenant(request))
-        return route
-
     async def on_error(request: Request, exc: Exception) -> Response:
-        if not isinstance(exc, MinibatchError):
-            assert isinstance(exc, HTTPException)
-            error = MinibatchError(str(exc.detail))
-            error.status = exc.status_code
-            exc = error
-        return render_error(exc)
+        return render_error(as_error(exc))
 
     return Starlette(
-        routes=[Route(path, authenticated(name), methods=[method])
+        routes=[Route(path, with_tenant(api, getattr(dialect, name)), methods=[method])
                 for method, path, name in routes],
         exception_handlers={MinibatchError: on_error, HTTPException: on_error,
                             ClientDisconnect: _client_gone, Exception: _server_error})

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import models
-from .api import Api, decode_json, dialect_app
+from .api import Api, decode_json, dialect_app, limit_arg
 from .errors import BadRequest, IdempotencyMismatch, InvalidInput, MinibatchError, NotFound
 from .files import store_file
 from .store import BatchRow, EndpointRow, FileRow, readable_error
@@ -243,11 +243,10 @@ class RequestLines:
     problem (code, message, param), which a batch made of the file reports. Never raises
     for a line (`bad_lines` stays 0: store_file's refusal is for native files)."""
 
-    bad_lines = 0
-    errors: list[dict] = []
-
     def __init__(self) -> None:
         self.seen: set[str] = set()
+        self.bad_lines = 0  # store_file's refusal is for native files: never here
+        self.errors: list[dict] = []
 
     def check(self, lines: list[tuple[int, bytes]]) -> list[tuple]:
         rows: list[tuple] = []
@@ -322,15 +321,14 @@ class OpenAIApi:
             now = self.mb.now()
             file = await store_file(self.mb.store, tenant, filename, data, now, idem,
                                     checker=RequestLines(), purpose="batch",
-                                    expires_at=_file_expiry(fields, now),
-                                    build=_encode_file)
-            return Response(file, media_type=JSON)
+                                    expires_at=_file_expiry(fields, now), build=file_out)
+            return _json(file)
 
-        return await self.api.idempotent(request, tenant, read, create, 200, _encode_file)
+        return await self.api.idempotent(request, tenant, read, create, 200, _encode)
 
     async def list_files(self, request: Request, tenant: str) -> Response:
         q = request.query_params
-        limit = _limit(q.get("limit"), 10000, 10000)
+        limit = limit_arg(q.get("limit"), 10000, 10000)
         order = q.get("order", "desc")
         if order not in ("asc", "desc"):
             raise InvalidInput("order must be asc or desc", [{"field": "order",
@@ -433,7 +431,7 @@ class OpenAIApi:
         if file.lines == 0:
             return [{"code": "empty_file", "message": "the file has no request lines",
                      "param": None, "line": None}]
-        rows, _ = self.mb.store.file_problems(file.id, endpoint, MAX_LISTED_ERRORS)
+        rows = self.mb.store.file_problems(file.id, endpoint, MAX_LISTED_ERRORS)
         errors = []
         for line, problem in rows:
             if problem is not None:
@@ -449,7 +447,7 @@ class OpenAIApi:
 
     async def list_batches(self, request: Request, tenant: str) -> Response:
         q = request.query_params
-        limit = _limit(q.get("limit"), 20, 100)
+        limit = limit_arg(q.get("limit"), 20, 100)
         after = q.get("after")
         rows, more = self.mb.store.batch_rows_list(tenant, dialect="openai", after=after,
                                                    limit=limit)
@@ -489,7 +487,7 @@ class OpenAIApi:
     async def list_endpoints(self, request: Request, tenant: str) -> Response:
         q = request.query_params
         rows, more = self.mb.store.endpoints_list(tenant, after=q.get("after"),
-                                                  limit=_limit(q.get("limit"), 20, 100))
+                                                  limit=limit_arg(q.get("limit"), 20, 100))
         return _json(_page([self._endpoint(r) for r in rows], more))
 
     async def get_endpoint(self, request: Request, tenant: str) -> Response:
@@ -534,10 +532,6 @@ class OpenAIApi:
         return endpoint_out(row, self.mb.endpoint_secret_hint(row), secret)
 
 
-def _encode_file(file: Any) -> bytes:
-    return _encode(file_out(file)) if isinstance(file, FileRow) else file
-
-
 def _file_expiry(fields: dict[str, str], now: float) -> float | None:
     """`expires_after[anchor]=created_at` and `expires_after[seconds]` (1 h to 30 days)."""
     seconds = fields.get("expires_after[seconds]")
@@ -548,14 +542,6 @@ def _file_expiry(fields: dict[str, str], now: float) -> float | None:
         raise _param_error("expires_after needs anchor 'created_at' and 3600-2592000 seconds",
                            "expires_after")
     return now + int(seconds)
-
-
-def _limit(text: str | None, default: int, top: int) -> int:
-    if text is None:
-        return default
-    if not (text.isascii() and text.isdigit() and len(text) <= 6 and 1 <= int(text) <= top):
-        raise _param_error(f"limit must be an integer from 1 to {top}", "limit")
-    return int(text)
 
 
 def _page(data: list[Any], more: bool) -> Page:

@@ -167,14 +167,12 @@ class AccountQueries(StoreBase):
         return self._all("SELECT part, data FROM file_parts WHERE file=? AND part>?"
                          " ORDER BY part LIMIT ?", (file_id, after, limit))
 
-    def file_problems(self, file_id: str, url: str, limit: int) -> tuple[list[tuple], int]:
+    def file_problems(self, file_id: str, url: str, limit: int) -> list[tuple]:
         """Up to `limit` bad lines of a dialect's file, as (line, problem JSON or None for
-        a line whose url is not `url`), in line order; and how many there are in all."""
-        where = "file=? AND (problem IS NOT NULL OR url IS NOT ?)"
-        count = self._one(f"SELECT count(*) FROM file_lines WHERE {where}", (file_id, url))[0]
-        rows = self._all(f"SELECT line, problem FROM file_lines WHERE {where}"
-                         " ORDER BY line LIMIT ?", (file_id, url, limit))
-        return rows, count
+        a line whose url is not `url`), in line order."""
+        return self._all("SELECT line, problem FROM file_lines WHERE file=?"
+                         " AND (problem IS NOT NULL OR url IS NOT ?) ORDER BY line LIMIT ?",
+                         (file_id, url, limit))
 
     def _output_files_insert(self, cur: apsw.Cursor, row: BatchRow, now: float) -> None:
         """The output and error files of an ended batch of a dialect that has them: rows

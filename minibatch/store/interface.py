@@ -167,9 +167,9 @@ class Store(Protocol):
     def file_parts_page(self, file_id: str, after: int, limit: int
                         ) -> list[tuple[int, bytes]]: ...
 
-    def file_problems(self, file_id: str, url: str, limit: int) -> tuple[list[tuple], int]:
-        """Bad lines of a dialect's file (problem, or a url other than `url`), and their
-        count."""
+    def file_problems(self, file_id: str, url: str, limit: int) -> list[tuple]:
+        """The first `limit` bad lines of a dialect's file (a problem, or a url other
+        than `url`)."""
         ...
 
     def batch_files(self, batch_seq: int) -> dict[str, str]: ...

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ import pytest
 
 import minibatch
 from tests.conftest import ServerThread
+from tests.integration.test_openai import DEADLINE, OPTIONS, eventually, native
 from tests.receiver import free_port
 from tests.serve import Served
 from tests.upstream import (
@@ -42,34 +42,17 @@ from tests.upstream import (
     text_of,
 )
 
-DEADLINE = 30.0
 UPSTREAM_KEY = "sk-ant-upstream-operator-key"
 OPENAI_KEY = "sk-openai-upstream-operator-key"
 VERSION = "2023-06-01"
 KIND = "anthropic:/v1/messages"
-OPTIONS = {"retry_base_s": 0.05, "allow_private_webhooks": True,
-           "webhook_retry_schedule": "0,0.05,0.05"}
 
 
 # -- helpers ----------
 
 
-def eventually(condition: Callable[[], Any], timeout: float = DEADLINE,
-               what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"{what}: not met within {timeout} s"
-        time.sleep(0.02)
-    return value
-
-
 def sdk(srv: ServerThread | Served, key: str, cls: type = anthropic.Anthropic) -> Any:
     return cls(base_url=f"{srv.url}/anthropic", api_key=key, max_retries=0, timeout=DEADLINE)
-
-
-def native(srv: ServerThread | Served, key: str) -> httpx.Client:
-    return httpx.Client(base_url=srv.url, timeout=DEADLINE,
-                        headers={"Authorization": f"Bearer {key}"})
 
 
 def params(content: Any, model: str = "claude-test", **extra: Any) -> dict:

@@ -27,10 +27,9 @@ import minibatch
 from tests.conftest import ServerThread
 from tests.receiver import Receiver
 from tests.serve import Served
-from tests.upstream import BAD_REQUEST_BODY, SERVER_ERROR_BODY, Upstream
+from tests.upstream import BAD_REQUEST_BODY, CHAT, SERVER_ERROR_BODY, Upstream
 
 DEADLINE = 30.0
-CHAT = "/v1/chat/completions"
 UPSTREAM_KEY = "sk-upstream-operator-key"
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 OPTIONS = {"retry_base_s": 0.05, "allow_private_webhooks": True,
