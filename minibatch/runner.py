@@ -86,6 +86,7 @@ class Runner:
         self.pools: dict[str, KindPool] = {}
         self.outcomes: list[Outcome] = []
         self.outcome_ready = anyio.Event()
+        self.finished: set[KindPool] = set()  # pools with outcomes not yet written
         # (item seq, claim token) -> (batch seq, scope): a claim, not an item, since this
         # process may re-claim an item whose lease it lost while the first run goes on.
         # The scope is None for a kind whose running items a cancel lets finish.
@@ -260,6 +261,7 @@ class Runner:
         if pool.in_flight == pool.handler.concurrency:
             pool.slot_free.set()
         self.outcomes.append(outcome)
+        self.finished.add(pool)
         if len(self.outcomes) == 1:
             self.outcome_ready.set()
         # Last, so that whatever fails here cannot leave the item without its outcome.
@@ -292,18 +294,22 @@ class Runner:
                 await self._pause_after_error("completer")
 
     def complete_once(self) -> int:
-        """Write every outcome gathered so far in one transaction."""
+        """Write every outcome gathered so far in one transaction, then wake the claimers
+        of the kinds written: a finished item frees a slot of its batch's `concurrency`
+        cap (a capped batch must not wait a poll interval for its next item), and a retry
+        may be due at once."""
         if not self.outcomes:
             return 0
         outcomes, self.outcomes = self.outcomes, []
+        finished, self.finished = self.finished, set()
         try:
             self.store.items_finish(outcomes, self.owner, self.now())
         except BaseException:
             self.outcomes[:0] = outcomes
+            self.finished |= finished
             raise
-        if any(o.status == "queued" for o in outcomes):
-            for pool in self.pools.values():
-                pool.wake.set()
+        for pool in finished:
+            pool.wake.set()
         return len(outcomes)
 
     async def heartbeat(self) -> None:

@@ -543,24 +543,47 @@ async def test_a_fault_in_finishing_an_item_is_raised_as_itself_once(db_path):
 # -- completer, heartbeat, rescuer ----------
 
 
-async def test_writing_a_retry_wakes_the_claimers_and_only_a_retry_does(db_path):
+async def test_writing_outcomes_wakes_the_claimer_of_their_kind_and_no_other(db_path):
+    """A finished item frees a slot of its batch's cap and a retry may be due at once:
+    the claimer of the kind written wakes (not a poll interval later); a kind with
+    nothing written sleeps on (a wake would cost it a write transaction for nothing)."""
     clock = [T0]
     store, runner, pool, _ = build(db_path, clock, items=4)
-    assert runner.complete_once() == 0  # nothing to write
+    other = runner.pools["other"] = KindPool(runner.registry.register(
+        "other", lambda item: None, concurrency=1, timeout=None, max_attempts=None))
+    assert runner.complete_once() == 0 and not pool.wake.is_set()  # nothing to write
     assert runner.claim_once(pool) == 4
     retry, *others = [pool.ready.popleft() for _ in range(4)]
-    # Outcomes that end their items bring nothing due: the claimers sleep on (a wake
-    # would cost each of them a pass, a write transaction, for nothing).
-    runner.outcomes += [Outcome(c.seq, c.batch_seq, c.token, status, b"1", None, 0.0)
-                        for c, status in zip(others, ("succeeded", "failed", "cancelled"),
-                                             strict=True)]
-    assert runner.complete_once() == 3 and not pool.wake.is_set()
+    for c, status in zip(others, ("succeeded", "failed", "cancelled"), strict=True):
+        runner.running[c.seq, c.token] = (c.batch_seq, None)
+        runner._finish(pool, c, Outcome(c.seq, c.batch_seq, c.token, status, b"1", None, 0.0))
+    assert not pool.wake.is_set()  # not before the slots are free in the store
+    assert runner.complete_once() == 3 and pool.wake.is_set() and not other.wake.is_set()
+    pool.wake = anyio.Event()
     c = retry
-    runner.outcomes.append(Outcome(c.seq, c.batch_seq, c.token, "queued", None,
-                                   b'{"code":"retry","message":"again"}', clock[0]))
+    runner.running[c.seq, c.token] = (c.batch_seq, None)
+    runner._finish(pool, c, Outcome(c.seq, c.batch_seq, c.token, "queued", None,
+                                    b'{"code":"retry","message":"again"}', clock[0]))
     assert runner.complete_once() == 1
-    assert pool.wake.is_set()  # the retry is due now: the claimer need not wait a poll
+    assert pool.wake.is_set() and not other.wake.is_set()
     assert statuses(store)[c.seq] == ("queued", 1)
+    store.close()
+
+
+async def test_outcomes_whose_write_failed_still_wake_their_claimer_once_written(db_path):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=1)
+    assert runner.claim_once(pool) == 1
+    c = pool.ready.popleft()
+    runner.running[c.seq, c.token] = (c.batch_seq, None)
+    runner._finish(pool, c, Outcome(c.seq, c.batch_seq, c.token, "succeeded", b"1", None, 0.0))
+    real = store.items_finish
+    store.items_finish = lambda *a: (_ for _ in ()).throw(StorageUnavailable("full"))
+    with pytest.raises(StorageUnavailable):
+        runner.complete_once()
+    assert not pool.wake.is_set() and len(runner.outcomes) == 1
+    store.items_finish = real
+    assert runner.complete_once() == 1 and pool.wake.is_set()
     store.close()
 
 
