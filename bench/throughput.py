@@ -72,14 +72,19 @@ def items_of(n: int) -> Iterator[dict[str, int]]:
     return ({"input": i} for i in range(n))
 
 
-async def minibatch_run(path: str, n: int, timeout: float) -> dict[str, Any]:
+async def minibatch_run(path: str, n: int, timeout: float, group: int | None = None
+                        ) -> dict[str, Any]:
     import minibatch
 
     mb = minibatch.Minibatch(path)
-
-    @mb.handler("noop", concurrency=200)
-    async def noop(item: Any) -> None:
-        return None
+    if group is None:
+        @mb.handler("noop", concurrency=200)
+        async def noop(item: Any) -> None:
+            return None
+    else:
+        @mb.handler("noop", concurrency=4, group=group)
+        async def noop_group(items: list[Any]) -> list[None]:
+            return [None] * len(items)
 
     try:
         async with mb:
@@ -102,6 +107,14 @@ def child_minibatch(n: int, timeout: float, workdir: str | None) -> dict[str, An
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         return anyio.run(minibatch_run, os.path.join(tmp, "bench.db"), n, timeout)
+
+
+def child_minibatch_group(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
+    """The same no-op items through a handler that takes them 100 at a time."""
+    import anyio
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        return anyio.run(minibatch_run, os.path.join(tmp, "bench.db"), n, timeout, GROUP)
 
 
 # -- the raw apsw ceiling ----------
@@ -234,7 +247,8 @@ def child_ceiling_one_statement(n: int, timeout: float, workdir: str | None) -> 
     return child_ceiling(n, timeout, workdir, claim=ceiling_claim_one_statement)
 
 
-CHILDREN = {"minibatch": child_minibatch, "ceiling": child_ceiling,
+CHILDREN = {"minibatch": child_minibatch, "mb-group": child_minibatch_group,
+            "ceiling": child_ceiling,
             "ceiling-1st": child_ceiling_one_statement, "huey": child_huey}
 
 
@@ -280,11 +294,13 @@ def table(results: dict[str, dict[str, Any]]) -> None:
               f"| {r['peak_rss_mib']:>12.0f} |")
     print(f"\nminibatch submit: {results['minibatch']['submit_s']:.2f} s of "
           f"{results['minibatch']['total_s']:.2f} s end to end")
-    for system, goal in GOALS.items():
-        if system in results:
-            ratio = mb / results[system]["rate"]
-            verdict = "met" if ratio >= goal else "MISSED"
-            print(f"goal minibatch >= {goal:g}x {system} (MEASURED.md): {ratio:.2f}x, {verdict}")
+    for who in ("minibatch", "mb-group"):
+        for system, goal in GOALS.items():
+            if system in results:
+                ratio = results[who]["rate"] / results[system]["rate"]
+                verdict = "met" if ratio >= goal else "MISSED"
+                print(f"goal {who} >= {goal:g}x {system} (MEASURED.md): {ratio:.2f}x,"
+                      f" {verdict}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -313,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         emit(CHILDREN[args.child](args.items, args.timeout, args.dir))
         return
-    plan = [("minibatch", args.items)]
+    plan = [("minibatch", args.items), ("mb-group", args.items)]
     if args.ceiling:
         plan += [("ceiling", args.items), ("ceiling-1st", args.items)]
     if "huey" in args.peer:

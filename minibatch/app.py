@@ -55,12 +55,17 @@ class Minibatch:
     # -- handlers and lifecycle ----------
 
     def handler(self, kind: str, *, concurrency: int | None = None, timeout: float | None = None,
-                max_attempts: int | None = None, interruptible: bool = True) -> Callable:
+                max_attempts: int | None = None, interruptible: bool = True,
+                group: int | None = None) -> Callable:
         """Register the decorated function (async, or sync to run in a thread) for `kind`.
-        With `interruptible=False`, cancelling a batch lets its running items finish."""
+        With `interruptible=False`, cancelling a batch lets its running items finish.
+        With `group=G` it takes a list of up to G Items and returns a list of one outcome
+        per item, in order: an output, or a `Fail`/`Retry`/other exception instance that
+        ends that item alone; `concurrency` then counts calls, `timeout` one call."""
         def register(fn: Callable) -> Callable:
             self.registry.register(kind, fn, concurrency=concurrency, timeout=timeout,
-                                   max_attempts=max_attempts, interruptible=interruptible)
+                                   max_attempts=max_attempts, interruptible=interruptible,
+                                   group=group)
             return fn
         return register
 

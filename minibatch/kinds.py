@@ -34,8 +34,13 @@ class HttpInput(msgspec.Struct, forbid_unknown_fields=True):
     headers: dict[str, str] = {}
 
 
-async def echo(item: Item) -> Any:
-    return item.input
+ECHO_GROUP = 100  # items per call of `echo`
+
+
+async def echo(items: list[Item]) -> list[Any]:
+    """Output = input, a group of items per call (a no-op item costs less than its
+    call)."""
+    return [item.input for item in items]
 
 
 async def sleep(item: Item) -> dict:
@@ -100,8 +105,9 @@ class HttpKind:
 def register_builtin_kinds(mb: Minibatch) -> None:
     """Add `echo`, `sleep` and `http` to `mb` (kinds already registered are kept)."""
     http = HttpKind(mb.settings.allow_private_webhooks)
-    for kind, fn, concurrency in (("echo", echo, 64), ("sleep", sleep, 1000),
-                                  ("http", http, HTTP_CONCURRENCY)):
+    for kind, fn, concurrency, group in (("echo", echo, 4, ECHO_GROUP),
+                                         ("sleep", sleep, 1000, None),
+                                         ("http", http, HTTP_CONCURRENCY, None)):
         if mb.registry.get(kind) is None:
-            mb.handler(kind, concurrency=concurrency)(fn)
+            mb.handler(kind, concurrency=concurrency, group=group)(fn)
     mb.on_close(http.aclose)

@@ -27,6 +27,7 @@ from .handlers import (
     expired_outcome,
     failed_attempt,
     run_attempt,
+    run_group,
 )
 from .metrics import Histogram
 from .store import Claimed, Outcome, Store
@@ -50,7 +51,7 @@ class KindPool:
         self.in_flight = 0  # claimed and not yet finished
         self.idle: list[anyio.Event] = []  # one per idle worker, set to wake it
         self.waking = False  # a worker has been woken and has not run yet
-        self.slot_free = anyio.Event()  # set when in_flight drops to the concurrency
+        self.slot_free = anyio.Event()  # set when in_flight drops to the capacity
         self.wake = anyio.Event()  # set when new items may be due (a submit)
 
     @property
@@ -59,7 +60,7 @@ class KindPool:
         deque, so the claimer takes items a group at a time (one transaction for many)
         while the workers run the previous group, rather than one item per finished one.
         A cancel still reaches the waiting ones before they start."""
-        return 2 * self.handler.concurrency - self.in_flight
+        return 2 * self.handler.capacity - self.in_flight
 
     def wake_one(self) -> None:
         """Wake one idle worker, unless one is already on its way.
@@ -72,6 +73,23 @@ class KindPool:
         if self.idle and not self.waking:
             self.waking = True
             self.idle.pop().set()
+
+
+class GroupScope:
+    """The cancel scope of one group handler's call, as the items of the group see it: a
+    cancel interrupts the call only once every batch with an item in it is cancelled.
+    Until then the call goes on, and the cancelled batches' items end `cancelled` when it
+    returns."""
+
+    def __init__(self, scope: anyio.CancelScope, batches: set[int], cancelled: set[int]
+                 ) -> None:
+        self.scope = scope
+        self.batches = batches
+        self.cancelled = cancelled
+
+    def cancel(self) -> None:
+        if self.batches <= self.cancelled:
+            self.scope.cancel()
 
 
 class Runner:
@@ -90,7 +108,8 @@ class Runner:
         # (item seq, claim token) -> (batch seq, scope): a claim, not an item, since this
         # process may re-claim an item whose lease it lost while the first run goes on.
         # The scope is None for a kind whose running items a cancel lets finish.
-        self.running: dict[tuple[int, int], tuple[int, anyio.CancelScope | None]] = {}
+        self.running: dict[tuple[int, int], tuple[int, anyio.CancelScope | GroupScope | None]
+                           ] = {}
         self.cancelled: set[int] = set()
         self.stopping = False
         self._backoff = (settings.retry_base_s, settings.retry_cap_s)
@@ -173,7 +192,7 @@ class Runner:
                 with anyio.move_on_after(self.settings.poll_interval_s):
                     await pool.wake.wait()
                 pool.wake = anyio.Event()
-            elif pool.in_flight > pool.handler.concurrency:
+            elif pool.in_flight > pool.handler.capacity:
                 await pool.slot_free.wait()  # until the deque is empty again
                 pool.slot_free = anyio.Event()
             else:
@@ -193,10 +212,11 @@ class Runner:
         return len(claimed)
 
     async def worker(self, pool: KindPool) -> None:
+        drain = self._drain_groups if pool.handler.group else self._drain
         while True:
             while pool.ready:
                 try:
-                    await self._drain(pool)
+                    await drain(pool)
                 except Exception:
                     await self._pause_after_error(f"worker of kind {pool.handler.kind!r}")
             wake = anyio.Event()
@@ -243,6 +263,57 @@ class Runner:
         if current is not None:  # its handler was interrupted by the batch's cancel
             self._finish(pool, current, cancelled_outcome(current))
 
+    async def _drain_groups(self, pool: KindPool) -> None:
+        """Run a group handler's items from the deque, a group (one call) at a time."""
+        handler = pool.handler
+        while pool.ready:
+            group, timeout = self._take_group(pool)
+            if not group:
+                continue
+            if pool.ready:
+                pool.wake_one()
+            scope = anyio.CancelScope()
+            batches = {c.batch_seq for c in group}
+            guard = GroupScope(scope, batches, self.cancelled) if handler.interruptible else None
+            for c in group:
+                self.running[c.seq, c.token] = (c.batch_seq, guard)
+            try:
+                outcomes: list[Outcome] | None = None
+                with scope:
+                    outcomes = await run_group(handler, group, timeout, self.now, self._backoff)
+                if outcomes is None:  # the call was interrupted: every batch was cancelled
+                    outcomes = [cancelled_outcome(c) for c in group]
+                elif handler.interruptible and batches & self.cancelled:
+                    outcomes = [cancelled_outcome(c) if c.batch_seq in self.cancelled else o
+                                for c, o in zip(group, outcomes, strict=True)]
+                for c, outcome in zip(group, outcomes, strict=True):
+                    self._finish(pool, c, outcome)
+            except Exception as exc:  # the runner's own fault: see _drain
+                for c in group:
+                    if (c.seq, c.token) in self.running:
+                        self._finish(pool, c, self._internal_error(c, exc))
+                raise
+
+    def _take_group(self, pool: KindPool) -> tuple[list[Claimed], float | None]:
+        """Up to `group` items from the deque that share one timeout (the call's), and that
+        timeout. Those whose batch ended while they waited are finished here instead."""
+        group: list[Claimed] = []
+        timeout: float | None = None
+        size = pool.handler.group or 1
+        while pool.ready and len(group) < size:
+            claimed = pool.ready[0]
+            its_timeout = claimed.timeout_s or pool.handler.timeout
+            if group and its_timeout != timeout:
+                break
+            pool.ready.popleft()
+            if ended := self._ended_before_start(claimed):
+                self.running[claimed.seq, claimed.token] = (claimed.batch_seq, None)
+                self._finish(pool, claimed, ended)
+                continue
+            group.append(claimed)
+            timeout = its_timeout
+        return group, timeout
+
     def _ended_before_start(self, claimed: Claimed) -> Outcome | None:
         """A claimed item whose batch was cancelled or expired while it waited in the deque
         never starts (a handler run under a cancelled scope could still send a request
@@ -258,7 +329,7 @@ class Runner:
         pool.in_flight -= 1
         # Events are set only on the transitions their waiters wait for (the deque ran
         # dry; the first outcome since the last write): setting one per item cost ~7 %.
-        if pool.in_flight == pool.handler.concurrency:
+        if pool.in_flight == pool.handler.capacity:
             pool.slot_free.set()
         self.outcomes.append(outcome)
         self.finished.add(pool)
