@@ -48,6 +48,10 @@ class Minibatch:
         self.latency = Histogram()  # item attempt durations, for /metrics
         self.runner: Runner | None = None
         self.deliverer: Deliverer | None = None
+        # What `async with mb` starts: `minibatch serve --workers N` runs the items in N
+        # worker processes (runs_items off here, delivers off there).
+        self.runs_items = True
+        self.delivers = True
         self._task_group: anyio.abc.TaskGroup | None = None
         self._on_close: list[Callable[[], Awaitable[None]]] = []
         register_upstream(self)  # with `openai_upstream` set, it runs the OpenAI endpoints
@@ -98,16 +102,20 @@ class Minibatch:
     async def __aenter__(self) -> Minibatch:
         self.store.idempotency_prune(self.now() - IDEMPOTENCY_WINDOW_S)
         self._task_group = await anyio.create_task_group().__aenter__()
-        self.runner = Runner(self.store, self.registry, self.settings, self.now, self.latency)
-        self.deliverer = Deliverer(self.store, self.settings, self.now)
-        await self.runner.run(self._task_group)
-        await self.deliverer.run(self._task_group)
+        if self.runs_items:
+            self.runner = Runner(self.store, self.registry, self.settings, self.now,
+                                 self.latency)
+            await self.runner.run(self._task_group)
+        if self.delivers:
+            self.deliverer = Deliverer(self.store, self.settings, self.now)
+            await self.deliverer.run(self._task_group)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        assert self._task_group is not None and self.runner is not None
+        assert self._task_group is not None
         with anyio.CancelScope(shield=True):
-            await self.runner.drain(self.settings.shutdown_grace_s)
+            if self.runner is not None:
+                await self.runner.drain(self.settings.shutdown_grace_s)
             if self.deliverer is not None:
                 await self.deliverer.close()
             for cleanup in self._on_close:

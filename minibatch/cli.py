@@ -35,6 +35,7 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     options: dict[str, Any] = env_options()
     for name in ("db", "host", "port", "handlers", "webhook_retry_schedule", "synchronous",
+                 "workers",
                  "openai_upstream", "openai_upstream_key", "openai_upstream_concurrency",
                  "anthropic_upstream", "anthropic_upstream_key",
                  "anthropic_upstream_concurrency"):
@@ -68,15 +69,16 @@ def build_instance(options: dict[str, Any]) -> Any:
 
 
 async def serve_until_signalled(mb: Any, host: str, port: int, *, quiet: bool = False) -> None:
-    """Run the API under uvicorn and the runner in the same loop until SIGTERM/SIGINT,
-    then stop the server, let in-flight items finish or go back to the queue, and return
-    (so the process exits 0)."""
+    """Run the API under uvicorn and the runner in the same loop (or, with `workers` > 1,
+    in that many worker processes) until SIGTERM/SIGINT, then stop the server, let
+    in-flight items finish or go back to the queue, and return (so the process exits 0)."""
     import signal
 
     import anyio
     import uvicorn
 
     from .server import server_config
+    from .workers import WorkerPool
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -92,9 +94,15 @@ async def serve_until_signalled(mb: Any, host: str, port: int, *, quiet: bool = 
                 return
 
     server = Server(server_config(mb, host, port, log_level="warning" if quiet else "info"))
+    pool = WorkerPool(mb.settings, mb.store) if mb.settings.workers > 1 else None
+    mb.runs_items = pool is None
     async with mb, anyio.create_task_group() as tg:
         tg.start_soon(stop_on_signal, server)
+        if pool is not None:
+            await pool.run(tg)
         await server.serve()
+        if pool is not None:
+            await pool.stop()
         tg.cancel_scope.cancel()
 
 
@@ -112,6 +120,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _check_can_listen(s.host, s.port)
         anyio.run(serve_until_signalled, mb, s.host, s.port,
                   backend_options={"use_uvloop": True})
+    finally:
+        mb.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker process of `serve --workers N` (started by serve, not by hand)."""
+    import anyio
+
+    from .workers import run_worker, worker_settings
+
+    mb = build_instance(worker_settings())
+    try:
+        anyio.run(run_worker, mb, backend_options={"use_uvloop": True})
     finally:
         mb.close()
     return 0
@@ -271,6 +293,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- argument parsing ----------
 
 
+def workers_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers or 'auto': {text!r}"
+                                         ) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minibatch", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -286,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds before each attempt, e.g. 0,5,300 (its length = attempts)")
     s.add_argument("--synchronous", choices=("normal", "full"),
                    help="normal survives a process crash; full also power loss")
+    s.add_argument("--workers", type=workers_arg, metavar="N|auto",
+                   help="worker processes running the items (MINIBATCH_WORKERS; default 1:"
+                        " in the API's process; auto: one per CPU)")
     s.add_argument("--openai-upstream", metavar="URL",
                    help="an OpenAI-compatible server's /v1 URL that runs OpenAI batches")
     s.add_argument("--openai-upstream-key", metavar="KEY",
@@ -299,6 +334,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--anthropic-upstream-concurrency", type=int, metavar="N",
                    help="requests in flight to it at once (default 16)")
     s.set_defaults(run=cmd_serve)
+
+    w = sub.add_parser("worker", help="one worker process of serve --workers N (started by"
+                                      " serve)")
+    w.set_defaults(run=cmd_worker)
 
     k = sub.add_parser("keys", help="API keys and webhook secrets")
     ksub = k.add_subparsers(dest="keys_command", required=True)

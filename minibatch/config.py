@@ -27,6 +27,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     port: int = 8000
     handlers: str | None = None
     synchronous: Literal["normal", "full"] = "normal"
+    workers: int = 1  # `serve`: worker processes running the items (1: in the API's)
     # Items
     lease_s: float = 30.0
     claim_size: int = 100
@@ -58,7 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     completion_window_s: float = 86400.0  # what a dialect's 24 h window lasts
 
     def __post_init__(self) -> None:
-        positive = ("lease_s", "claim_size", "poll_interval_s", "default_max_attempts",
+        positive = ("workers", "lease_s", "claim_size", "poll_interval_s", "default_max_attempts",
                     "webhook_timeout_s", "webhook_concurrency", "webhook_per_host",
                     "max_json_bytes", "max_file_bytes", "max_header_bytes",
                     "request_timeout_s", "max_connections", "retry_base_s", "retry_cap_s",
@@ -95,6 +96,8 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 def make_settings(**options: Any) -> Settings:
     """Build Settings from keyword options, naming any unknown or mistyped one."""
+    if options.get("workers") == "auto":
+        options["workers"] = os.cpu_count() or 1
     if isinstance(options.get("webhook_retry_schedule"), str):
         options["webhook_retry_schedule"] = parse_schedule(options["webhook_retry_schedule"])
     try:

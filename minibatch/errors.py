@@ -76,6 +76,11 @@ class StorageUnavailable(MinibatchError):
     title = "Storage unavailable"
 
 
+class StoreBusy(StorageUnavailable):
+    """Another process holds the database's write lock, and this store does not wait for
+    it (`Store.wait_for_lock(False)`): try again in a moment."""
+
+
 class Retry(Exception):
     """Raised by a handler: try this item again after `after` seconds (or fail it, with
     `output` as its output, when this was its last attempt)."""

@@ -1,5 +1,5 @@
 """The item loops: claimer (one per kind, sized to free slots), workers, completer,
-heartbeat, rescuer, expirer, and the WAL checkpointer.
+heartbeat, canceller, rescuer, expirer, and the WAL checkpointer.
 
 Items flow claimer -> per-kind deque -> worker tasks -> outcome list -> completer, which
 writes outcomes in groups, one transaction per group. No loop touches SQL directly; each
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import anyio
 
 from .config import Settings
-from .errors import StorageUnavailable
+from .errors import StorageUnavailable, StoreBusy
 from .handlers import (
     Handler,
     Registry,
@@ -34,6 +34,9 @@ from .store import Claimed, Outcome, Store
 
 log = logging.getLogger("minibatch.runner")
 STORAGE_RETRY_S = 1.0
+# Another process holds the write lock (a store that does not wait for it): try again
+# this soon. Its transactions are short, so the lock is usually free by then.
+BUSY_RETRY_S = 0.002
 CHECKPOINT_INTERVAL_S = 0.5
 EXPIRY_INTERVAL_S = 1.0  # how late, at most, a batch's expiry is seen
 # After an unexpected error in one pass of a loop: long enough that a fault that repeats
@@ -119,12 +122,7 @@ class Runner:
     def recover(self) -> None:
         """At start-up: take back the items of dead processes, fail kinds with no handler."""
         now = self.now()
-        host = socket.gethostname()
-        for owner in self.store.lease_owners():
-            owner_host, _, rest = owner.partition(":")
-            pid = int(rest.partition(":")[0] or 0)
-            if owner_host == host and pid != os.getpid() and not _pid_alive(pid):
-                self.store.leases_expire(owner)
+        expire_leases_of(self.store, lambda pid: pid != os.getpid() and not _pid_alive(pid))
         self.store.items_rescue(now)
         self.store.batches_fail_unknown_kinds(self.registry.handlers, now)
 
@@ -137,6 +135,7 @@ class Runner:
                 task_group.start_soon(self.worker, pool)
         task_group.start_soon(self.completer)
         task_group.start_soon(self.heartbeat)
+        task_group.start_soon(self.canceller)
         task_group.start_soon(self.rescuer)
         task_group.start_soon(self.expirer)
         task_group.start_soon(self.checkpointer)
@@ -182,6 +181,9 @@ class Runner:
         while not self.stopping:
             try:
                 claimed = self.claim_once(pool)
+            except StoreBusy:
+                await anyio.sleep(BUSY_RETRY_S)
+                continue
             except StorageUnavailable:
                 await anyio.sleep(STORAGE_RETRY_S)
                 continue
@@ -357,6 +359,9 @@ class Runner:
             self.outcome_ready = anyio.Event()
             try:
                 self.complete_once()
+            except StoreBusy:
+                self.outcome_ready.set()  # outcomes are kept; try again in a moment
+                await anyio.sleep(BUSY_RETRY_S)
             except StorageUnavailable:
                 self.outcome_ready.set()  # outcomes are kept; try again shortly
                 await anyio.sleep(STORAGE_RETRY_S)
@@ -386,18 +391,39 @@ class Runner:
     async def heartbeat(self) -> None:
         while True:
             await anyio.sleep(self.settings.lease_s / 3)
-            try:
-                self.heartbeat_once()
-            except StorageUnavailable:
-                pass  # leases may lapse; other processes' rescuers re-run those items
-            except Exception:
-                await self._pause_after_error("heartbeat")
+            while True:
+                try:
+                    self.heartbeat_once()
+                except StoreBusy:
+                    await anyio.sleep(BUSY_RETRY_S)  # a lease must not lapse for that
+                    continue
+                except StorageUnavailable:
+                    pass  # leases may lapse; other processes' rescuers re-run those items
+                except Exception:
+                    await self._pause_after_error("heartbeat")
+                break
 
     def heartbeat_once(self) -> None:
         """Extend this process's leases; interrupt items of batches cancelled elsewhere."""
         self.store.leases_extend(self.owner, self.now() + self.settings.lease_s)
-        running_batches = {b for b, _ in self.running.values()}
-        for batch_seq in self.store.batches_cancelling(running_batches):
+        self.cancel_once()
+
+    async def canceller(self) -> None:
+        """A cancel made in another process (the API's, or another worker's) reaches this
+        one's running items within a poll interval: a read, and only while items run."""
+        while True:
+            await anyio.sleep(self.settings.poll_interval_s)
+            try:
+                self.cancel_once()
+            except StorageUnavailable:
+                pass  # the next pass sees it
+            except Exception:
+                await self._pause_after_error("canceller")
+
+    def cancel_once(self) -> None:
+        """Interrupt this process's running items of batches cancelled anywhere."""
+        running_batches = {b for b, _ in self.running.values()} - self.cancelled
+        for batch_seq in self.store.batches_cancelling(running_batches):  # none: no query
             self.cancel_local(batch_seq)
 
     async def rescuer(self) -> None:
@@ -458,6 +484,19 @@ async def pause_after_error(logger: logging.Logger, loop: str) -> None:
     item or delivery must not stop a loop, nor the process with it."""
     logger.exception("%s: a pass failed; going on in %g s", loop, LOOP_ERROR_PAUSE_S)
     await anyio.sleep(LOOP_ERROR_PAUSE_S)
+
+
+def expire_leases_of(store: Store, gone: Callable[[int], bool]) -> int:
+    """Expire the leases of this host's processes whose pid `gone` names, so their items
+    run again at the next rescue rather than when the lease runs out. Owners are
+    `host:pid:token` (Runner.owner)."""
+    host, expired = socket.gethostname(), 0
+    for owner in store.lease_owners():
+        owner_host, _, rest = owner.partition(":")
+        pid = int(rest.partition(":")[0] or 0)
+        if owner_host == host and gone(pid):
+            expired += store.leases_expire(owner)
+    return expired
 
 
 def _pid_alive(pid: int) -> bool:

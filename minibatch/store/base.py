@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from ..errors import StorageUnavailable
+from ..errors import StorageUnavailable, StoreBusy
 from .schema import MIGRATIONS
 
 if TYPE_CHECKING:
     from ..models import DeliverySummary, FailedWebhook
     from .rows import BatchRow
 
+LOCK_WAIT_MS = 10_000  # how long a write waits for another connection's lock, by default
 _STORAGE_FAULTS = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError,
                    apsw.BusyError)
 
@@ -33,7 +34,7 @@ class StoreBase:
             self.conn = apsw.Connection(path)
         except apsw.CantOpenError as exc:
             raise StorageUnavailable(f"cannot open database {path!r}: {exc}") from None
-        self.conn.set_busy_timeout(10_000)
+        self.conn.set_busy_timeout(LOCK_WAIT_MS)
         if path != ":memory:":
             self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
@@ -44,6 +45,13 @@ class StoreBase:
         if self._checkpointer is not None:
             self._checkpointer.close()
         self.conn.close()
+
+    def wait_for_lock(self, wait: bool) -> None:
+        """Whether a write waits (up to 10 s, in the calling thread) while another process
+        holds the write lock, or raises StoreBusy at once so an event loop can yield and
+        try again: a worker process's loops must not freeze while the API's process or
+        another worker commits."""
+        self.conn.set_busy_timeout(LOCK_WAIT_MS if wait else 0)
 
     def autocheckpoint(self, on: bool) -> None:
         """Let this connection's COMMITs checkpoint the WAL (SQLite's default), or leave
@@ -73,6 +81,8 @@ class StoreBase:
         cur = self.conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError as exc:
+            raise StoreBusy(f"database is locked by another process: {exc}") from None
         except _STORAGE_FAULTS as exc:
             raise StorageUnavailable(f"database cannot be written: {exc}") from None
         try:
