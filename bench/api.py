@@ -11,13 +11,16 @@ is stopped with SIGTERM, then waited for; temp files are removed at the end):
 * minibatch: `python -m minibatch serve --db TMP --port P` (uvicorn + uvloop + httptools, the
   runner in the same loop) with a key from `minibatch keys create --tenant bench`.
   - GET idle: `GET /v1/batches/{id}` of a finished 10-item echo batch, nothing running.
-  - GET busy: the same on a large batch (`--background-items` `sleep` items of
-    `--sleep-s` seconds, uploaded by `POST /v1/files` as JSONL and submitted by
-    `input_file_id`), measured from the moment it is submitted. The batch is polled once a
-    second on a connection of its own; reported: its metrics through the window, the items
-    completed in it, and for how much of the window items were running. The `sleep` kind
-    runs 1000 items at a time, so `--sleep-s 0.1` (the default) keeps 100k items running for
-    >= 10 s; at 0.01 s the runner drains them in a few seconds and most of the window is idle.
+  - items without load, then GET busy: a large batch (`--background-items` `sleep` items
+    of `--sleep-s` seconds, or `echo` items, uploaded by `POST /v1/files` as JSONL and
+    submitted by `input_file_id`) runs for `--duration` s with no HTTP load, then for
+    `--duration` s under the GET load on itself. The batch is polled once a second on a
+    connection of its own; reported: its metrics through both windows, the items completed
+    in each, and for how much of each window items were running. The `sleep` kind runs 1000
+    items at a time, so `--sleep-s 0.2` with 200k items keeps them running for >= 40 s.
+  - fair under load (issue 14): items/s under the GET load / items/s without it (goal
+    >= 0.5), GET busy req/s / bare GET req/s (goal >= 0.5) and GET busy p99 / bare p99
+    (goal <= 2), all from this run; `--workers N` runs the items in N worker processes.
   - POST: `POST /v1/batches` with `--post-items` inline `echo` items per request.
 * load: `--connections` (50) concurrent clients for `--duration` seconds per figure, by wrk
   (`--wrk-threads` threads, a Lua script carries the headers, reads the body file and prints
@@ -513,6 +516,14 @@ def table(runs: list[dict[str, dict[str, Any]]], busy: list[dict[str, Any]],
           + f"; items were running for at least {running:.0%} of each window")
     if running < 0.9:
         print("  note: raise --sleep-s or --background-items to keep items running throughout")
+    fair = statistics.median(b["rate"] / b["unloaded_rate"] if b["unloaded_rate"] else 0.0
+                             for b in busy)
+    rps = results["minibatch GET busy"]["rps"] / results["bare GET"]["rps"]
+    p99 = results["minibatch GET busy"]["p99_ms"] / results["bare GET"]["p99_ms"]
+    print(f"fair under load (--workers {args.workers}): items under GET load / without it "
+          f"{fair:.2f}x (goal >= 0.5, {'met' if fair >= 0.5 else 'MISSED'}); GET busy req/s / "
+          f"bare {rps:.2f}x (goal >= 0.5, {'met' if rps >= 0.5 else 'MISSED'}); GET busy p99 / "
+          f"bare p99 {p99:.2f}x (goal <= 2, {'met' if p99 <= 2 else 'MISSED'})")
 
 
 # -- main ----------
@@ -535,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--background-kind", choices=["sleep", "echo"], default="sleep")
     p.add_argument("--sleep-s", type=float, default=0.1,
                    help="seconds each sleep item sleeps (default 0.1; 1000 run at a time)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="serve --workers (default 1: the items run in the API's process)")
     p.add_argument("--post-items", type=int, default=100,
                    help="inline echo items per POST /v1/batches (default 100)")
     p.add_argument("--dir", default=None,
@@ -576,7 +589,7 @@ def run(args: argparse.Namespace, tmp: str
     key = create_key(db)
     port = free_port()
     mb_cmd = [sys.executable, "-m", "minibatch", "serve", "--db", db, "--host", HOST,
-              "--port", str(port)]
+              "--port", str(port), "--workers", str(args.workers)]
     with Server("minibatch", mb_cmd, port, os.path.join(tmp, "minibatch.log")) as mb:
         idle_id = small_batch(mb.base, key)
         size = len(json.dumps(call("GET", f"{mb.base}/v1/batches/{idle_id}", key)[1],
@@ -592,11 +605,19 @@ def run(args: argparse.Namespace, tmp: str
         start = time.time()
         sampler.sample()
         sampler.start()
+        time.sleep(args.duration)  # the items' rate with no HTTP load but the sampler's
+        middle = time.time()
+        sampler.sample()
         results["minibatch GET busy"] = measure("minibatch GET busy", mb, batch_url, key, "",
                                                 args, tmp)
         end = time.time()
         sampler.stop()
-        busy = busy_window(sampler.samples, start, end)
+        unloaded = busy_window([x for x in sampler.samples if x[0] <= middle], start, middle)
+        busy = busy_window([x for x in sampler.samples if x[0] >= middle], middle, end)
+        busy["unloaded_rate"] = unloaded["rate"]
+        print(f"  no HTTP load: {unloaded['completed']:,} items completed in "
+              f"{unloaded['running_s']:.1f} s ({unloaded['rate']:,.0f} items/s while running)",
+              flush=True)
         print(f"  large batch: {args.background_items:,} {args.background_kind} items"
               + (f" of {args.sleep_s:g} s" if args.background_kind == "sleep" else "")
               + f", upload {upload_s:.2f} s, submit {submit_s:.2f} s (before the window); "

@@ -116,6 +116,11 @@ class Runner:
         self.cancelled: set[int] = set()
         self.stopping = False
         self._backoff = (settings.retry_base_s, settings.retry_cap_s)
+        # Between two writes of outcomes: 0 writes each as soon as the loop gets to it. A
+        # process sharing the write lock with others (a worker of serve --workers N) waits
+        # a little, so its outcomes go in fewer, larger transactions and the others (the
+        # API's writes) find the lock free more often.
+        self.write_gap_s = 0.0
 
     # -- start and stop ----------
 
@@ -359,6 +364,8 @@ class Runner:
             self.outcome_ready = anyio.Event()
             try:
                 self.complete_once()
+                if self.write_gap_s:
+                    await anyio.sleep(self.write_gap_s)  # outcomes gather meanwhile
             except StoreBusy:
                 self.outcome_ready.set()  # outcomes are kept; try again in a moment
                 await anyio.sleep(BUSY_RETRY_S)
