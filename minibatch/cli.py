@@ -1,4 +1,4 @@
-"""The `minibatch` command: serve, keys, submit, status, results, demo.
+"""The `minibatch` command: serve, keys, backup, check, submit, status, results, demo.
 
 Server flags, `MINIBATCH_*` variables and `Settings` fields are three doors to the same
 values. Client commands import only httpx, so they start fast, and report an
@@ -193,6 +193,42 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """A consistent copy of the database, taken while serve may be writing it."""
+    if os.path.exists(args.dest):
+        raise CliError(f"{args.dest} exists; a backup is written to a new file")
+    store = _existing_store(args.db)
+    try:
+        pages = store.backup_to(args.dest)
+    finally:
+        store.close()
+    print(json.dumps({"backup": args.dest, "pages": pages}))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """SQLite's integrity check and every batch's counters against its items; exit 1 on
+    any problem, one line each."""
+    store = _existing_store(args.db)
+    try:
+        problems = store.check()
+    finally:
+        store.close()
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print("ok")
+    return 0
+
+
+def _existing_store(db: str | None) -> Any:
+    path = db or os.environ.get("MINIBATCH_DB", "minibatch.db")
+    if not os.path.isfile(path):
+        raise CliError(f"no database at {path}")
+    return _store(path)
+
+
 # -- client commands ----------
 
 
@@ -350,6 +386,14 @@ def parser() -> argparse.ArgumentParser:
                     help="seconds the old secret keeps signing (default 86400)")
     kr.add_argument("--db")
     k.set_defaults(run=cmd_keys)
+
+    b = sub.add_parser("backup", help="a consistent copy of the database, while serve runs")
+    b.add_argument("dest", help="the new file to write")
+    b.add_argument("--db")
+    b.set_defaults(run=cmd_backup)
+    ch = sub.add_parser("check", help="integrity and counter checks; exit 1 on a problem")
+    ch.add_argument("--db")
+    ch.set_defaults(run=cmd_check)
 
     for name, helptext, fn in (("submit", "submit a JSONL file as a batch", cmd_submit),
                                ("status", "print a batch", cmd_status),

@@ -18,6 +18,7 @@ from .deliveries import PUBLIC_STATUS, DeliveryQueries
 from .endpoints import EndpointQueries, EndpointRow
 from .interface import Store
 from .items import ItemQueries
+from .maintenance import MaintenanceQueries
 from .rows import (
     BatchRow,
     Claimed,
@@ -33,7 +34,8 @@ from .rows import (
 from .schema import MIGRATIONS
 
 
-class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, EndpointQueries):
+class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, EndpointQueries,
+                  MaintenanceQueries):
     """One SQLite database file (WAL) holding every batch, item, delivery and key."""
 
     def counts(self) -> dict[str, dict[str, int]]:

@@ -1,0 +1,56 @@
+"""The database as a whole: a consistent copy while others write, and its checks."""
+
+from __future__ import annotations
+
+import apsw
+
+from ..errors import StorageUnavailable
+from .base import StoreBase
+
+ITEM_COUNTERS = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+
+
+class MaintenanceQueries(StoreBase):
+    def backup_to(self, dest: str) -> int:
+        """Copy the whole database to a new file `dest`, as one snapshot (SQLite's online
+        backup in a single step: one read transaction, which in WAL mode blocks no
+        writer). Returns the pages copied."""
+        target = apsw.Connection(dest)
+        try:
+            with target.backup("main", self.conn, "main") as backup:
+                backup.step(-1)
+                pages = backup.page_count
+            target.execute("PRAGMA journal_mode=WAL")
+        except apsw.Error as exc:
+            raise StorageUnavailable(f"backup to {dest!r} failed: {exc}") from None
+        finally:
+            target.close()
+        return pages
+
+    def check(self) -> list[str]:
+        """Every problem found, as one line each (none: an empty list): SQLite's integrity
+        check, and each batch's counters against its items, in one read transaction."""
+        problems = [f"integrity: {row[0]}" for row in self.conn.execute(
+            "PRAGMA integrity_check") if row[0] != "ok"]
+        with self.conn:  # one snapshot for the counters and the items they count
+            problems += self._counter_problems()
+        return problems
+
+    def _counter_problems(self) -> list[str]:
+        counted = {(batch, status): n for batch, status, n in self.conn.execute(
+            "SELECT batch, status, count(*) FROM items GROUP BY batch, status")}
+        problems = []
+        columns = ", ".join(ITEM_COUNTERS)
+        for seq, batch_id, status, total, *counters in self.conn.execute(
+                f"SELECT seq, id, status, total, {columns} FROM batches"):
+            for name, value in zip(ITEM_COUNTERS, counters, strict=True):
+                if value != counted.get((seq, name), 0):
+                    problems.append(f"batch {batch_id}: metrics.{name} is {value}, its items"
+                                    f" say {counted.get((seq, name), 0)}")
+            if sum(counters) != total:
+                problems.append(f"batch {batch_id}: metrics add up to {sum(counters)}, not"
+                                f" its total {total}")
+            if status in ("completed", "failed", "cancelled", "expired") and (
+                    counters[0] or counters[1]):
+                problems.append(f"batch {batch_id} is {status} with items queued or running")
+        return problems
