@@ -1,4 +1,4 @@
-"""The `minibatch` command: serve, keys, backup, check, submit, status, results, demo.
+"""The `minibatch` command: serve, keys, backup, check, the client commands, demo.
 
 Server flags, `MINIBATCH_*` variables and `Settings` fields are three doors to the same
 values. Client commands import only httpx, so they start fast, and report an
@@ -320,6 +320,43 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    """The tenant's batches, newest first, one JSON line each."""
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.status:
+        params["status"] = args.status
+    page = Client(args.url).request("GET", "/v1/batches", params=params).json()
+    for batch in page["data"]:
+        print(json.dumps(batch))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    batch = Client(args.url).request("POST", f"/v1/batches/{args.batch_id}/cancel").json()
+    print(json.dumps(batch))
+    return 0
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    """Every delivery of a batch with its attempts, one JSON line each (all pages)."""
+    client = Client(args.url)
+    params: dict[str, Any] = {"limit": 1000}
+    while True:
+        page = client.request("GET", f"/v1/batches/{args.batch_id}/deliveries",
+                              params=params).json()
+        for delivery in page["data"]:
+            print(json.dumps(delivery))
+        if not page.get("next_cursor"):
+            return 0
+        params["after"] = page["next_cursor"]
+
+
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    delivery = Client(args.url).request("POST", f"/v1/deliveries/{args.delivery_id}/retry")
+    print(json.dumps(delivery.json()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -398,7 +435,12 @@ def parser() -> argparse.ArgumentParser:
     for name, helptext, fn in (("submit", "submit a JSONL file as a batch", cmd_submit),
                                ("status", "print a batch", cmd_status),
                                ("results", "write a batch's results (JSONL) to stdout",
-                                cmd_results)):
+                                cmd_results),
+                               ("list", "the batches, newest first (JSON lines)", cmd_list),
+                               ("cancel", "cancel a batch", cmd_cancel),
+                               ("deliveries", "a batch's webhook deliveries (JSON lines)",
+                                cmd_deliveries),
+                               ("redeliver", "send a webhook delivery again", cmd_redeliver)):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--url", help=f"server URL (MINIBATCH_URL; default {DEFAULT_URL})")
         if name == "submit":
@@ -406,6 +448,11 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--kind", required=True)
             c.add_argument("--wait", action="store_true", help="follow it to the end")
             c.add_argument("--webhook-url")
+        elif name == "list":
+            c.add_argument("--status", help="only batches in this status")
+            c.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
+        elif name == "redeliver":
+            c.add_argument("delivery_id")
         else:
             c.add_argument("batch_id")
         c.set_defaults(run=fn)

@@ -218,3 +218,52 @@ def test_readme_openai_examples_run_as_written(tmp_path):
     assert [a["custom_id"] for a in answers] == ["r0", "r1", "r2"]
     assert [a["response"]["body"]["choices"][0]["message"]["content"] for a in answers] == [
         "HI 0", "HI 1", "HI 2"]
+
+
+def test_list_cancel_deliveries_and_redeliver(served, tmp_path):
+    from tests.receiver import Receiver
+
+    env = served.client_env
+    with Receiver([500, 500]) as rx:  # both scheduled attempts fail; the redelivery succeeds
+        first = cli("submit", write_jsonl(tmp_path / "a.jsonl", [{"input": 1}]), "--kind",
+                    "echo", "--webhook-url", rx.url, "--wait", env=env)
+        assert first.returncode == 0, first.stderr
+        first_id = first.stdout.splitlines()[0]
+        long = cli("submit", write_jsonl(tmp_path / "b.jsonl", [{"input": {"seconds": 600}}]),
+                   "--kind", "sleep", env=env)
+        long_id = long.stdout.strip()
+
+        listed = cli("list", env=env)
+        assert listed.returncode == 0
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert [b["id"] for b in rows] == [long_id, first_id]  # newest first
+        only = cli("list", "--status", "completed", env=env)
+        assert [json.loads(line)["id"] for line in only.stdout.splitlines()] == [first_id]
+
+        cancelled = cli("cancel", long_id, env=env)
+        assert cancelled.returncode == 0
+        assert json.loads(cancelled.stdout)["status"] in ("cancelling", "cancelled")
+
+        deadline = time.monotonic() + 30
+        while True:  # both attempts of the batch.completed delivery fail
+            out = cli("deliveries", first_id, env=env)
+            [delivery] = [json.loads(line) for line in out.stdout.splitlines()]
+            if delivery["status"] == "failed":
+                break
+            assert time.monotonic() < deadline, delivery
+            time.sleep(0.1)
+        assert len(delivery["attempts"]) == 2
+        again = cli("redeliver", delivery["id"], env=env)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["id"] == delivery["id"]
+        deadline = time.monotonic() + 30
+        while len(rx.requests) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    assert "no batch" in one_clear_line(cli("cancel", "batch_nope", env=env))
+    assert "no batch" in one_clear_line(cli("deliveries", "batch_nope", env=env))
+    assert "HTTP 404" in one_clear_line(cli("redeliver", "msg_nope", env=env))
+    assert "HTTP 4" in one_clear_line(cli("list", "--status", "bogus", env=env))
+    assert "cannot reach" in one_clear_line(cli("list", env={**env, "MINIBATCH_URL":
+                                                             f"http://127.0.0.1:{free_port()}"}))
