@@ -160,7 +160,7 @@ class Api:
 
     def __init__(self, mb: Minibatch) -> None:
         self.mb = mb
-        self.auth = Authenticator(mb.store)
+        self.auth = Authenticator(mb.store, lambda: mb.now())
         self.idempotency = Idempotency(mb.store)
         self._openapi: bytes | None = None
 

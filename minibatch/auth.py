@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 
 from starlette.requests import Request
 
@@ -25,24 +26,28 @@ def hash_key(api_key: str) -> bytes:
     return hashlib.sha256(api_key.encode()).digest()
 
 
-def create_tenant_key(store: Store, tenant: str) -> dict[str, str]:
+def create_tenant_key(store: Store, tenant: str, name: str | None = None) -> dict[str, str]:
     """A new API key for `tenant` (created if new), and the tenant's signing secret."""
     if not tenant or len(tenant) > 200:
         raise InvalidInput("tenant must be 1-200 characters",
                            [{"field": "tenant", "message": "bad length"}])
+    if name is not None and len(name) > 200:
+        raise InvalidInput("a key's name must be at most 200 characters",
+                           [{"field": "name", "message": "too long"}])
     api_key = KEY_PREFIX + secrets.token_urlsafe(32)
-    now = time.time()
-    store.tenant_create(tenant, hash_key(api_key), new_id("secret"), new_secret(), now)
+    now, key_id = time.time(), new_id("key")
+    store.tenant_create(tenant, hash_key(api_key), new_id("secret"), new_secret(), now,
+                        key_id=key_id, key_name=name)
     secret = store.secrets_active(tenant, now)[0][1]
-    return {"tenant": tenant, "api_key": api_key, "webhook_secret": secret}
+    return {"tenant": tenant, "api_key": api_key, "webhook_secret": secret, "key_id": key_id}
 
 
 class Authenticator:
     """Finds the tenant of a request from `Authorization: Bearer` or `x-api-key`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, now: Callable[[], float]) -> None:
         self.store = store
-        self._known: dict[bytes, str] = {}  # keys are never revoked, so a hit stays true
+        self.now = now
 
     def tenant(self, request: Request) -> str:
         key = request.headers.get("x-api-key")
@@ -53,13 +58,9 @@ class Authenticator:
         key = key if key is not None else bearer
         if not key:
             raise Unauthorized("missing API key: send Authorization: Bearer <key> or x-api-key")
-        digest = hash_key(key)
-        tenant = self._known.get(digest)
+        tenant = self.store.tenant_by_key(hash_key(key), self.now())
         if tenant is None:
-            tenant = self.store.tenant_by_key(digest)
-            if tenant is None:
-                raise Unauthorized("unknown API key")
-            self._known[digest] = tenant
+            raise Unauthorized("unknown or revoked API key")
         return tenant
 
 

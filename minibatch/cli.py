@@ -176,7 +176,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
     store = _store(args.db)
     try:
         if args.keys_command == "create":
-            out = create_tenant_key(store, args.tenant)
+            out = create_tenant_key(store, args.tenant, args.name)
+        elif args.keys_command == "list":
+            import msgspec
+
+            for key in store.keys_list(args.tenant):
+                print(msgspec.json.encode(key).decode())
+            return 0
+        elif args.keys_command == "revoke":
+            store.key_revoke(args.key_id, time.time())
+            out = {"id": args.key_id, "status": "revoked"}
         else:
             if not store.tenant_exists(args.tenant):
                 raise CliError(f"no tenant {args.tenant!r} (create it with keys create)")
@@ -416,7 +425,14 @@ def parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="a new API key for a tenant")
     kc.add_argument("--tenant", required=True)
+    kc.add_argument("--name", help="what the key is for (shown by keys list)")
     kc.add_argument("--db")
+    kl = ksub.add_parser("list", help="the keys (never the keys themselves), JSON lines")
+    kl.add_argument("--tenant", help="only this tenant's")
+    kl.add_argument("--db")
+    kv = ksub.add_parser("revoke", help="refuse a key from now on, in a running server too")
+    kv.add_argument("key_id")
+    kv.add_argument("--db")
     kr = ksub.add_parser("rotate-secret", help="a new primary webhook signing secret")
     kr.add_argument("--tenant", required=True)
     kr.add_argument("--overlap", type=float, default=86400.0,

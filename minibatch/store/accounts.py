@@ -6,19 +6,22 @@ from typing import Any
 
 import apsw
 
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, NotFound, StorageUnavailable
 from ..models import FileObject, to_datetime
 from .base import StoreBase
 from .rows import FILE_COLS, BatchRow, FileRow, new_id
 
+KEY_TOUCH_S = 60.0  # how stale a key's last_used_at may be
+
 
 class AccountQueries(StoreBase):
     def tenant_create(self, name: str, key_hash: bytes, secret_id: str, secret: str,
-                      now: float) -> None:
+                      now: float, *, key_id: str, key_name: str | None = None) -> None:
         """A tenant (if new), one more API key for it, and its first secret (if none)."""
         with self._tx() as cur:
             cur.execute("INSERT OR IGNORE INTO tenants VALUES (?,?)", (name, now))
-            cur.execute("INSERT INTO api_keys VALUES (?,?,?)", (key_hash, name, now))
+            cur.execute("INSERT INTO api_keys (key_hash, tenant, created_at, id, name)"
+                        " VALUES (?,?,?,?,?)", (key_hash, name, now, key_id, key_name))
             if self._one("SELECT 1 FROM secrets WHERE tenant=? AND endpoint IS NULL",
                          (name,)) is None:
                 cur.execute("INSERT INTO secrets (id, tenant, secret, created_at)"
@@ -27,9 +30,52 @@ class AccountQueries(StoreBase):
     def tenant_exists(self, name: str) -> bool:
         return self._one("SELECT 1 FROM tenants WHERE name=?", (name,)) is not None
 
-    def tenant_by_key(self, key_hash: bytes) -> str | None:
-        row = self._one("SELECT tenant FROM api_keys WHERE key_hash=?", (key_hash,))
-        return row[0] if row else None
+    def tenant_by_key(self, key_hash: bytes, now: float) -> str | None:
+        """The tenant of a key that is not revoked, or None; its `last_used_at` is
+        written at most once a KEY_TOUCH_S.
+
+        Answers come from a cache that is dropped whenever another connection has
+        committed (`PRAGMA data_version`), so a key revoked anywhere, `minibatch keys
+        revoke` included, is refused at the next request, and a quiet server answers
+        from memory."""
+        version = self._one("PRAGMA data_version")[0]
+        if version != self._keys_version:
+            self._keys.clear()
+            self._keys_version = version
+        known = self._keys.get(key_hash)
+        if known is None:
+            row = self._one("SELECT tenant, last_used_at FROM api_keys WHERE key_hash=?"
+                            " AND revoked_at IS NULL", (key_hash,))
+            if row is None:
+                return None
+            known = self._keys[key_hash] = [row[0], row[1] or 0.0]
+        if now - known[1] >= KEY_TOUCH_S:
+            known[1] = now
+            try:
+                with self._tx() as cur:
+                    cur.execute("UPDATE api_keys SET last_used_at=? WHERE key_hash=?",
+                                (now, key_hash))
+            except StorageUnavailable:
+                pass  # a full disk must not refuse a read: the next use writes it
+        return known[0]
+
+    def keys_list(self, tenant: str | None) -> list[dict[str, Any]]:
+        """Every key (of one tenant, or all), oldest first; never the key itself."""
+        where, args = ("WHERE tenant=?", (tenant,)) if tenant is not None else ("", ())
+        return [{"id": r[0], "tenant": r[1], "name": r[2], "created_at": to_datetime(r[3]),
+                 "last_used_at": to_datetime(r[4]), "revoked_at": to_datetime(r[5])}
+                for r in self.conn.execute(
+                    "SELECT id, tenant, name, created_at, last_used_at, revoked_at FROM"
+                    f" api_keys {where} ORDER BY created_at, rowid", args)]
+
+    def key_revoke(self, key_id: str, now: float) -> None:
+        """Revoke a key for good (NotFound if there is no such key)."""
+        with self._tx() as cur:
+            cur.execute("UPDATE api_keys SET revoked_at=coalesce(revoked_at, ?) WHERE id=?",
+                        (now, key_id))
+            if not self.conn.changes():
+                raise NotFound(f"no API key {key_id!r}")
+        self._keys.clear()
 
     def secrets_active(self, tenant: str, now: float, endpoint: str | None = None
                        ) -> list[tuple[str, str]]:

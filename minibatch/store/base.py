@@ -40,6 +40,10 @@ class StoreBase:
                  webhook_schedule: tuple[float, ...] = (0.0,)) -> None:
         self.path = path
         self._checkpointer: apsw.Connection | None = None
+        # AccountQueries' cache of keys: digest -> [tenant, last_used_at written], valid
+        # while no other connection has committed (PRAGMA data_version).
+        self._keys: dict[bytes, list[Any]] = {}
+        self._keys_version: int | None = None
         # A new delivery is due after the schedule's first delay, for len(schedule) attempts.
         self.webhook_attempts = len(webhook_schedule)
         self.webhook_first_delay = webhook_schedule[0]

@@ -174,4 +174,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE secrets ADD COLUMN endpoint TEXT;
     ALTER TABLE deliveries ADD COLUMN endpoint TEXT;
     """,
+    # 7: keys are named, listed and revoked by an id (never by the key itself).
+    """
+    ALTER TABLE api_keys ADD COLUMN id TEXT;
+    ALTER TABLE api_keys ADD COLUMN name TEXT;
+    ALTER TABLE api_keys ADD COLUMN last_used_at REAL;
+    ALTER TABLE api_keys ADD COLUMN revoked_at REAL;
+    UPDATE api_keys SET id = 'key_' || lower(hex(randomblob(12)));
+    CREATE UNIQUE INDEX api_keys_id ON api_keys(id);
+    CREATE INDEX api_keys_tenant ON api_keys(tenant, created_at);
+    """,
 ]

@@ -44,7 +44,8 @@ def test_keys_create_prints_one_json_line_and_the_key_works_at_once(served):
     assert created.returncode == 0
     [line] = created.stdout.splitlines()
     out = json.loads(line)
-    assert set(out) == {"tenant", "api_key", "webhook_secret"} and out["tenant"] == "acme"
+    assert set(out) == {"tenant", "api_key", "webhook_secret", "key_id"}
+    assert out["tenant"] == "acme" and out["key_id"].startswith("key_")
     assert out["webhook_secret"].startswith("whsec_")
     got = httpx.get(served.url + "/v1/batches", headers={"x-api-key": out["api_key"]})
     assert got.status_code == 200
@@ -267,3 +268,32 @@ def test_list_cancel_deliveries_and_redeliver(served, tmp_path):
     assert "HTTP 4" in one_clear_line(cli("list", "--status", "bogus", env=env))
     assert "cannot reach" in one_clear_line(cli("list", env={**env, "MINIBATCH_URL":
                                                              f"http://127.0.0.1:{free_port()}"}))
+
+
+def test_keys_list_never_shows_a_key_and_a_revoked_key_is_401_at_once(served):
+    made = json.loads(cli("keys", "create", "--tenant", "acme", "--name", "ci", "--db",
+                          served.db).stdout)
+    other = json.loads(cli("keys", "create", "--tenant", "acme", "--db", served.db).stdout)
+    key = {"Authorization": f"Bearer {made['api_key']}"}
+    assert httpx.get(served.url + "/v1/batches", headers=key).status_code == 200  # cached now
+
+    listed = cli("keys", "list", "--tenant", "acme", "--db", served.db)
+    assert listed.returncode == 0
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["id"] for r in rows] == [made["key_id"], other["key_id"]]
+    assert {"id", "tenant", "name", "created_at", "last_used_at"} <= set(rows[0])
+    assert rows[0]["name"] == "ci" and rows[0]["last_used_at"] is not None
+    assert rows[1]["last_used_at"] is None and rows[1]["revoked_at"] is None
+    assert made["api_key"] not in listed.stdout and other["api_key"] not in listed.stdout
+    everyone = cli("keys", "list", "--db", served.db).stdout
+    assert {json.loads(line)["tenant"] for line in everyone.splitlines()} == {"cli", "acme"}
+
+    revoked = cli("keys", "revoke", made["key_id"], "--db", served.db)
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["status"] == "revoked"
+    refused = httpx.get(served.url + "/v1/batches", headers=key)  # the very next request
+    assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+    still = httpx.get(served.url + "/v1/batches",
+                      headers={"Authorization": f"Bearer {other['api_key']}"})
+    assert still.status_code == 200  # the tenant's other key goes on
+    assert "no API key" in one_clear_line(cli("keys", "revoke", "key_nope", "--db",
+                                              served.db))

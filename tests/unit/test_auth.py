@@ -10,7 +10,7 @@ import pytest
 from starlette.requests import Request
 
 from minibatch.auth import Authenticator, Idempotency, create_tenant_key, hash_key
-from minibatch.errors import Conflict, InvalidInput, Unauthorized
+from minibatch.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from minibatch.store import SqliteStore
 
 
@@ -95,7 +95,7 @@ def request_with(*headers: tuple[str, str]) -> Request:
 
 def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refused(db_path):
     store = SqliteStore(db_path)
-    auth = Authenticator(store)
+    auth = Authenticator(store, time.time)
     a, b = create_tenant_key(store, "a")["api_key"], create_tenant_key(store, "b")["api_key"]
     assert auth.tenant(request_with(("authorization", f"Bearer {a}"))) == "a"
     assert auth.tenant(request_with(("authorization", f"bearer {a}"))) == "a"
@@ -111,3 +111,37 @@ def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refus
             auth.tenant(request_with(("authorization", value)))
     with pytest.raises(Unauthorized):
         auth.tenant(request_with(("x-api-key", "mb_unknown")))
+
+
+def test_a_key_revoked_through_another_connection_is_refused_at_the_next_lookup(db_path):
+    server, cli_side = SqliteStore(db_path), SqliteStore(db_path)
+    out = create_tenant_key(server, "acme", "deploy")
+    digest = hash_key(out["api_key"])
+    assert server.tenant_by_key(digest, 1000.0) == "acme"  # now cached
+    cli_side.key_revoke(out["key_id"], 1001.0)
+    assert server.tenant_by_key(digest, 1002.0) is None
+    again = create_tenant_key(server, "acme")
+    server.key_revoke(again["key_id"], 1003.0)  # through the cache's own connection
+    assert server.tenant_by_key(hash_key(again["api_key"]), 1004.0) is None
+    with pytest.raises(NotFound):
+        server.key_revoke("key_nope", 1005.0)
+    server.close()
+    cli_side.close()
+
+
+def test_last_used_at_is_written_at_most_once_a_minute(db_path):
+    store = SqliteStore(db_path)
+    out = create_tenant_key(store, "acme")
+    digest = hash_key(out["api_key"])
+
+    def last_used() -> float | None:
+        return store._one("SELECT last_used_at FROM api_keys WHERE id=?", (out["key_id"],))[0]
+
+    assert last_used() is None
+    store.tenant_by_key(digest, 1000.0)
+    assert last_used() == 1000.0
+    store.tenant_by_key(digest, 1059.0)
+    assert last_used() == 1000.0  # within the minute: not written
+    store.tenant_by_key(digest, 1060.0)
+    assert last_used() == 1060.0
+    store.close()
