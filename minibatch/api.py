@@ -30,6 +30,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .files import body_digest
+from .logs import RequestLog
 from .models import (
     Batch,
     BatchCreate,
@@ -533,7 +534,8 @@ def dialect_app(api: Api, dialect: Any, routes: list[tuple[str, str, str]],
                             ClientDisconnect: _client_gone, Exception: _server_error})
 
 
-def create_app(mb: Minibatch) -> Starlette:
+def create_app(mb: Minibatch) -> RequestLog:
+    """The whole HTTP API: the native routes, both dialects mounted, and request ids."""
     api = Api(mb)
     routes: list[BaseRoute] = [Route(e.path, _endpoint(api, e), methods=[e.method])
                                for e in ENDPOINTS]
@@ -541,7 +543,8 @@ def create_app(mb: Minibatch) -> Starlette:
 
     routes.append(Mount("/openai/v1", app=openai_api.create_app(api)))
     routes.append(Mount("/anthropic", app=anthropic_api.create_app(api)))
-    return Starlette(routes=routes, exception_handlers={
+    return RequestLog(Starlette(routes=routes, exception_handlers={
         MinibatchError: _problem_handler, HTTPException: _problem_handler,
-        ClientDisconnect: _client_gone, Exception: _server_error})
+        ClientDisconnect: _client_gone, Exception: _server_error}),
+        access=mb.settings.access_log)
 

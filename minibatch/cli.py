@@ -44,6 +44,10 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
             options[name] = value
     if args.allow_private_webhooks:
         options["allow_private_webhooks"] = True
+    if args.no_access_log:
+        options["access_log"] = False
+    if args.log_format is not None:
+        options["log_format"] = args.log_format
     return options
 
 
@@ -116,6 +120,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except MinibatchError as exc:
         raise CliError(exc.detail) from None
     s = mb.settings
+    from .logs import configure
+
+    configure(s.log_format)
     try:
         _check_can_listen(s.host, s.port)
         anyio.run(serve_until_signalled, mb, s.host, s.port,
@@ -129,9 +136,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """One worker process of `serve --workers N` (started by serve, not by hand)."""
     import anyio
 
+    from .logs import configure
     from .workers import run_worker, worker_settings
 
     mb = build_instance(worker_settings())
+    configure(mb.settings.log_format)
     try:
         anyio.run(run_worker, mb, backend_options={"use_uvloop": True})
     finally:
@@ -400,6 +409,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds before each attempt, e.g. 0,5,300 (its length = attempts)")
     s.add_argument("--synchronous", choices=("normal", "full"),
                    help="normal survives a process crash; full also power loss")
+    s.add_argument("--no-access-log", action="store_true",
+                   help="no line per request (MINIBATCH_ACCESS_LOG=false)")
+    s.add_argument("--log-format", choices=("text", "json"),
+                   help="MINIBATCH_LOG_FORMAT; default text")
     s.add_argument("--workers", type=workers_arg, metavar="N|auto",
                    help="worker processes running the items (MINIBATCH_WORKERS; default 1:"
                         " in the API's process; auto: one per CPU)")

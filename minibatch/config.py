@@ -28,6 +28,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     handlers: str | None = None
     synchronous: Literal["normal", "full"] = "normal"
     workers: int = 1  # `serve`: worker processes running the items (1: in the API's)
+    access_log: bool = True  # one line per request (logger minibatch.access)
+    log_format: Literal["text", "json"] = "text"  # how `serve` writes its log lines
     # Items
     lease_s: float = 30.0
     claim_size: int = 100

@@ -175,12 +175,14 @@ def server_config(mb: Minibatch, host: str, port: int, *,
                   log_level: str = "info") -> uvicorn.Config:
     """The uvicorn Config serving `mb`'s API on host:port under `mb.settings`' limits.
 
-    lifespan is off because the caller runs `async with mb` around the server itself;
-    ws is off because minibatch serves no WebSockets, and an upgrade would hand the
-    socket to a protocol without these limits.
+    The access log is minibatch's own (logs.RequestLog, with the request id), so
+    uvicorn's is off. lifespan is off because the caller runs `async with mb` around the
+    server itself; ws is off because minibatch serves no WebSockets, and an upgrade would
+    hand the socket to a protocol without these limits.
     """
     return uvicorn.Config(
         mb.asgi(), host=host, port=port, log_level=log_level, access_log=False,
+        log_config=None,  # uvicorn's lines go through minibatch's handler (logs.configure)
         lifespan="off", ws="none", http=limited_protocol(mb.settings),
         # uvicorn refuses when `open connections >= limit_concurrency`, counting the one
         # asking: + 1 lets max_connections be open and served, and 503s the next.
