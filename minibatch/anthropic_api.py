@@ -260,7 +260,7 @@ def _json(obj: Any) -> Response:
 _TYPES = {400: "invalid_request_error", 401: "authentication_error",
           404: "not_found_error", 409: "invalid_request_error",
           413: "request_too_large", 415: "invalid_request_error", 422: "invalid_request_error",
-          503: "api_error", 500: "api_error"}
+          429: "rate_limit_error", 503: "api_error", 500: "api_error"}
 
 
 def anthropic_error(exc: MinibatchError) -> Response:

@@ -161,7 +161,7 @@ class Api:
 
     def __init__(self, mb: Minibatch) -> None:
         self.mb = mb
-        self.auth = Authenticator(mb.store, lambda: mb.now())
+        self.auth = Authenticator(mb.store, lambda: mb.now(), mb.settings.rate_limit)
         self.idempotency = Idempotency(mb.store)
         self._openapi: bytes | None = None
 

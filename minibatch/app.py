@@ -171,7 +171,8 @@ class Minibatch:
             or self.settings.default_max_attempts, item_timeout_s=item_timeout_s,
             concurrency=concurrency, input_file_id=input_file_id, idempotency=idempotency,
             expires_at=None if expires_after_s is None else now + expires_after_s,
-            dialect=dialect, dialect_data=dialect_data, id_prefix=id_prefix)
+            dialect=dialect, dialect_data=dialect_data, id_prefix=id_prefix,
+            max_queued=self.settings.max_queued_items)
         if hook is not None:
             self.webhook_secret(tenant)  # deliveries are signed with the tenant's secret
         if self.runner is not None:

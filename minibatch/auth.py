@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from starlette.requests import Request
 
-from .errors import Conflict, IdempotencyMismatch, InvalidInput, Unauthorized
+from .errors import Conflict, IdempotencyMismatch, InvalidInput, TooManyRequests, Unauthorized
 from .signing import new_secret
 from .store import Store, new_id
 
@@ -42,12 +42,38 @@ def create_tenant_key(store: Store, tenant: str, name: str | None = None) -> dic
     return {"tenant": tenant, "api_key": api_key, "webhook_secret": secret, "key_id": key_id}
 
 
-class Authenticator:
-    """Finds the tenant of a request from `Authorization: Bearer` or `x-api-key`."""
+class RateLimit:
+    """A token bucket per key: `rate` requests a second, bursts of up to one second's."""
 
-    def __init__(self, store: Store, now: Callable[[], float]) -> None:
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self.buckets: dict[bytes, list[float]] = {}  # key digest -> [tokens, at]
+
+    def wait(self, digest: bytes, now: float) -> float:
+        """0 if this request may go now (and it takes a token), else the seconds until
+        one is free."""
+        bucket = self.buckets.get(digest)
+        if bucket is None:
+            bucket = self.buckets[digest] = [self.burst, now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return 0.0
+        bucket[0] = tokens
+        return (1.0 - tokens) / self.rate
+
+
+class Authenticator:
+    """Finds the tenant of a request from `Authorization: Bearer` or `x-api-key`, and
+    holds each key to `rate_limit` requests a second (429 beyond)."""
+
+    def __init__(self, store: Store, now: Callable[[], float],
+                 rate_limit: float | None = None) -> None:
         self.store = store
         self.now = now
+        self.limit = RateLimit(rate_limit) if rate_limit else None
 
     def tenant(self, request: Request) -> str:
         key = request.headers.get("x-api-key")
@@ -58,9 +84,13 @@ class Authenticator:
         key = key if key is not None else bearer
         if not key:
             raise Unauthorized("missing API key: send Authorization: Bearer <key> or x-api-key")
-        tenant = self.store.tenant_by_key(hash_key(key), self.now())
+        digest = hash_key(key)
+        tenant = self.store.tenant_by_key(digest, self.now())
         if tenant is None:
             raise Unauthorized("unknown or revoked API key")
+        if self.limit is not None and (wait := self.limit.wait(digest, time.monotonic())):
+            raise TooManyRequests(f"over {self.limit.rate:g} requests a second for this key"
+                                  " (rate_limit)", wait)
         return tenant
 
 

@@ -7,6 +7,7 @@ failing, so they stand outside that family. Imports nothing from the package.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -57,6 +58,17 @@ class Unauthorized(MinibatchError):
     status = 401
     title = "Unauthorized"
     headers = {"WWW-Authenticate": "Bearer"}
+
+
+class TooManyRequests(MinibatchError):
+    """A tenant's limit: requests per second per key, or items queued at once."""
+
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, detail: str, retry_after_s: float) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
 
 
 class PayloadTooLarge(MinibatchError):

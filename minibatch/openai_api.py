@@ -560,7 +560,8 @@ def _param_error(message: str, param: str) -> InvalidInput:
 
 _TYPES = {400: "invalid_request_error", 422: "invalid_request_error", 401: "invalid_request_error",
           404: "invalid_request_error", 409: "conflict", 413: "invalid_request_error",
-          415: "invalid_request_error", 503: "server_error", 500: "server_error"}
+          415: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error",
+          500: "server_error"}
 
 
 def openai_error(exc: MinibatchError) -> Response:
@@ -570,7 +571,7 @@ def openai_error(exc: MinibatchError) -> Response:
     status = 400 if exc.status == 422 and not isinstance(exc, IdempotencyMismatch) else (
         exc.status)
     param = exc.errors[0].get("field") if exc.errors else None
-    code = {401: "invalid_api_key"}.get(status)
+    code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
     body = {"error": {"message": exc.detail, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
     return Response(_encode(body), status_code=status, media_type=JSON, headers=exc.headers)

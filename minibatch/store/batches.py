@@ -9,7 +9,7 @@ import apsw
 import msgspec
 
 from .. import models
-from ..errors import Conflict, InvalidInput, NotFound
+from ..errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from ..models import MAX_NESTING, Batch, DeliverySummary, too_deep
 from .base import StoreBase
 from .rows import (
@@ -24,6 +24,7 @@ from .rows import (
 )
 
 CHUNK = 5000  # items encoded and inserted per executemany while submitting
+QUEUE_RETRY_AFTER_S = 10.0  # the Retry-After of a submit refused for a full queue
 
 
 class BatchQueries(StoreBase):
@@ -45,6 +46,7 @@ class BatchQueries(StoreBase):
         dialect: str = "native",
         dialect_data: dict | None = None,
         id_prefix: str = "batch",
+        max_queued: int | None = None,
     ) -> BatchRow:
         """Insert a batch and its items in one transaction, reading `items` in chunks.
 
@@ -52,6 +54,8 @@ class BatchQueries(StoreBase):
         the transaction is rolled back, so nothing is written.
         `idempotency` is (key, body_hash, status, response-builder): the key is stored in
         the same transaction as the batch. `id_prefix` is a dialect's (`msgbatch`).
+        With `max_queued`, a batch that would leave the tenant more items queued than
+        that is refused (TooManyRequests) and nothing is written.
         """
         batch_id = new_id(id_prefix)
         events = None
@@ -76,10 +80,21 @@ class BatchQueries(StoreBase):
                 raise InvalidInput("a batch needs at least one item",
                                    [{"field": "items", "message": "empty"}])
             cur.execute("UPDATE batches SET total=?, queued=? WHERE seq=?", (total, total, seq))
+            if max_queued is not None:
+                self._check_queued(tenant, total, max_queued)
             row = self._batch_row(seq)
             if idempotency is not None:
                 self._idempotency_put(cur, tenant, idempotency, row, now)
         return row
+
+    def _check_queued(self, tenant: str, new: int, limit: int) -> None:
+        queued = self._one("SELECT coalesce(sum(queued), 0) FROM batches WHERE tenant=?"
+                           " AND completed_at IS NULL", (tenant,))[0]
+        if queued > limit:
+            raise TooManyRequests(
+                f"this batch of {new} items would leave {queued} queued; the limit is"
+                f" {limit} per tenant (max_queued_items): submit when some have run",
+                QUEUE_RETRY_AFTER_S)
 
     def batch_insert_refused(self, *, tenant: str, kind: str, now: float, metadata: dict | None,
                              dialect: str, dialect_data: dict,

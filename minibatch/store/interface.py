@@ -30,9 +30,10 @@ class Store(Protocol):
                      concurrency: int | None = None, input_file_id: str | None = None,
                      idempotency: Idempotency | None = None, expires_at: float | None = None,
                      dialect: str = "native", dialect_data: dict | None = None,
-                     id_prefix: str = "batch") -> BatchRow:
+                     id_prefix: str = "batch", max_queued: int | None = None) -> BatchRow:
         """A batch and its items (read lazily in chunks) in one transaction; InvalidInput
-        and nothing written if any item is bad."""
+        and nothing written if any item is bad, TooManyRequests if the tenant would have
+        more than `max_queued` items queued."""
         ...
 
     def batch_insert_refused(self, *, tenant: str, kind: str, now: float,

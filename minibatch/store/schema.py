@@ -183,5 +183,6 @@ MIGRATIONS: list[str] = [
     UPDATE api_keys SET id = 'key_' || lower(hex(randomblob(12)));
     CREATE UNIQUE INDEX api_keys_id ON api_keys(id);
     CREATE INDEX api_keys_tenant ON api_keys(tenant, created_at);
+    CREATE INDEX batches_tenant_open ON batches(tenant) WHERE completed_at IS NULL;
     """,
 ]
