@@ -86,6 +86,12 @@ ENDPOINTS = [
              "Stream results as JSONL, one line per terminal item", response=JSONL),
     Endpoint("POST", "/v1/batches/{batch_id}/cancel", "cancel_batch", "Cancel a batch",
              response=Batch),
+    Endpoint("DELETE", "/v1/batches/{batch_id}", "delete_batch",
+             "Delete an ended batch with its items, results and deliveries (409 while it"
+             " runs)", response=JSON),
+    Endpoint("DELETE", "/v1/files/{file_id}", "delete_file",
+             "Delete an uploaded file (batches made from it keep their items)",
+             response=JSON),
     Endpoint("GET", "/v1/batches/{batch_id}/deliveries", "list_deliveries",
              "Webhook deliveries of a batch, oldest first, with attempts",
              response=DeliveryList, query=("limit", "after")),
@@ -319,6 +325,16 @@ class Api:
     async def cancel_batch(self, request: Request, tenant: str) -> Response:
         return json_response(await self.mb.cancel(request.path_params["batch_id"],
                                                   tenant=tenant))
+
+    async def delete_batch(self, request: Request, tenant: str) -> Response:
+        batch_id = request.path_params["batch_id"]
+        self.mb.store.batch_delete(batch_id, tenant)
+        return json_response({"id": batch_id, "object": "batch.deleted", "deleted": True})
+
+    async def delete_file(self, request: Request, tenant: str) -> Response:
+        file_id = request.path_params["file_id"]
+        self.mb.store.file_delete(file_id, tenant)
+        return json_response({"id": file_id, "object": "file.deleted", "deleted": True})
 
     async def list_deliveries(self, request: Request, tenant: str) -> Response:
         _, limit, after = self.page_args(request)

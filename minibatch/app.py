@@ -23,6 +23,7 @@ from .files import store_file
 from .handlers import Registry
 from .metrics import Histogram
 from .models import Batch, ItemError, Result
+from .retention import Pruner
 from .runner import Runner
 from .store import EndpointRow, SqliteStore, Store, item_id, new_id
 from .upstream import ANTHROPIC_KIND, as_request_handler, openai_kind, register_upstream
@@ -52,6 +53,8 @@ class Minibatch:
         # worker processes (runs_items off here, delivers off there).
         self.runs_items = True
         self.delivers = True
+        self.prunes = True  # deleted batches' rows, retention_days, old idempotency keys
+        self.pruner: Pruner | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._on_close: list[Callable[[], Awaitable[None]]] = []
         register_upstream(self)  # with `openai_upstream` set, it runs the OpenAI endpoints
@@ -109,6 +112,9 @@ class Minibatch:
         if self.delivers:
             self.deliverer = Deliverer(self.store, self.settings, self.now)
             await self.deliverer.run(self._task_group)
+        if self.prunes:
+            self.pruner = Pruner(self.store, self.settings, self.now)
+            await self.pruner.run(self._task_group)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -126,7 +132,9 @@ class Minibatch:
             # as itself rather than wrapped in an ExceptionGroup.
             await self._task_group.__aexit__(None, None, None)
         finally:
-            self._task_group = self.runner = self.deliverer = None
+            if self.pruner is not None:
+                self.pruner.close()  # its thread has ended with the task group
+            self._task_group = self.runner = self.deliverer = self.pruner = None
 
     def on_close(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Await `cleanup` when the runner stops (after in-flight items are done)."""

@@ -38,7 +38,8 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
                  "workers",
                  "openai_upstream", "openai_upstream_key", "openai_upstream_concurrency",
                  "anthropic_upstream", "anthropic_upstream_key",
-                 "anthropic_upstream_concurrency", "rate_limit", "max_queued_items"):
+                 "anthropic_upstream_concurrency", "rate_limit", "max_queued_items",
+                 "retention_days"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -409,6 +410,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds before each attempt, e.g. 0,5,300 (its length = attempts)")
     s.add_argument("--synchronous", choices=("normal", "full"),
                    help="normal survives a process crash; full also power loss")
+    s.add_argument("--retention-days", type=float, metavar="D",
+                   help="delete batches that ended more than D days ago (default: keep)")
     s.add_argument("--rate-limit", type=float, metavar="R",
                    help="requests per second per API key; 429 beyond (default: none)")
     s.add_argument("--max-queued-items", type=int, metavar="N",

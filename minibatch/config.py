@@ -59,6 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     anthropic_upstream_key: str | None = None
     anthropic_upstream_concurrency: int = 16
     completion_window_s: float = 86400.0  # what a dialect's 24 h window lasts
+    retention_days: float | None = None  # ended batches older than this are deleted
     # Tenants
     rate_limit: float | None = None  # requests per second per API key (429 beyond)
     max_queued_items: int | None = None  # items queued at once per tenant (429 beyond)
@@ -80,7 +81,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                                f" got {self.shutdown_grace_s}")
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"setting port must be 0 to 65535, got {self.port}")
-        for name in ("rate_limit", "max_queued_items"):
+        for name in ("rate_limit", "max_queued_items", "retention_days"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise InvalidInput(f"setting {name} must be a number > 0, got {value}")

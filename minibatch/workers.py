@@ -122,7 +122,7 @@ async def run_worker(mb: Minibatch) -> None:
     is gone, then finish or hand back the running items."""
     parent = os.getppid()
     os.nice(WORKER_NICE)
-    mb.delivers = False
+    mb.delivers = mb.prunes = False  # the serve process does both
     async with mb:
         mb.store.wait_for_lock(False)
         assert mb.runner is not None

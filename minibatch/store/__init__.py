@@ -19,6 +19,7 @@ from .endpoints import EndpointQueries, EndpointRow
 from .interface import Store
 from .items import ItemQueries
 from .maintenance import MaintenanceQueries
+from .retention import RetentionQueries
 from .rows import (
     BatchRow,
     Claimed,
@@ -35,7 +36,7 @@ from .schema import MIGRATIONS
 
 
 class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, EndpointQueries,
-                  MaintenanceQueries):
+                  MaintenanceQueries, RetentionQueries):
     """One SQLite database file (WAL) holding every batch, item, delivery and key."""
 
     def counts(self) -> dict[str, dict[str, int]]:

@@ -190,14 +190,6 @@ class AccountQueries(StoreBase):
                          f" ORDER BY rowid {order} LIMIT ?", (*args, limit + 1))
         return [FileRow(*r) for r in rows[:limit]], len(rows) > limit
 
-    def file_delete(self, file_id: str, tenant: str) -> None:
-        """Delete a finished file and its lines (batches made from it keep their items)."""
-        self.file_get(file_id, tenant)
-        with self._tx() as cur:
-            cur.execute("DELETE FROM file_lines WHERE file=?", (file_id,))
-            cur.execute("DELETE FROM file_parts WHERE file=?", (file_id,))
-            cur.execute("DELETE FROM files WHERE id=?", (file_id,))
-
     def file_set_bytes(self, file_id: str, size: int) -> None:
         """Record the measured size of a generated file."""
         with self._tx() as cur:

@@ -14,7 +14,7 @@ from .schema import MIGRATIONS
 
 if TYPE_CHECKING:
     from ..models import DeliverySummary, FailedWebhook
-    from .rows import BatchRow
+    from .rows import BatchRow, FileRow
 
 LOCK_WAIT_S = 10.0  # how long a write waits for another connection's lock, by default
 LOCK_POLL_S = 0.001  # how often it looks again meanwhile
@@ -39,6 +39,7 @@ class StoreBase:
     def __init__(self, path: str, *, synchronous: str = "normal",
                  webhook_schedule: tuple[float, ...] = (0.0,)) -> None:
         self.path = path
+        self._synchronous, self._webhook_schedule = synchronous, webhook_schedule
         self._checkpointer: apsw.Connection | None = None
         # AccountQueries' cache of keys: digest -> [tenant, last_used_at written], valid
         # while no other connection has committed (PRAGMA data_version).
@@ -62,6 +63,14 @@ class StoreBase:
         if self._checkpointer is not None:
             self._checkpointer.close()
         self.conn.close()
+
+    def another(self) -> Any:
+        """A second connection to the same database, for a worker thread's own use; None
+        where there can be only one (":memory:")."""
+        if self.path == ":memory:":
+            return None
+        return type(self)(self.path, synchronous=self._synchronous,
+                          webhook_schedule=self._webhook_schedule)
 
     def wait_for_lock(self, wait: bool) -> None:
         """Whether a write waits (up to 10 s, in the calling thread) while another process
@@ -128,6 +137,7 @@ class StoreBase:
         # What one noun's queries call of another's, within the caller's transaction;
         # `Store` combines the files that define them.
         def _batch_row(self, seq: int) -> BatchRow: ...
+        def file_get(self, file_id: str, tenant: str) -> FileRow: ...
         def _batch_row_by_id(self, batch_id: str, tenant: str | None) -> BatchRow: ...
         def _batch_finish_if_done(self, cur: apsw.Cursor, seq: int, now: float) -> None: ...
         def _cancel_queued(self, cur: apsw.Cursor, batch_seq: int, now: float) -> None: ...

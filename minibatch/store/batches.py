@@ -242,20 +242,6 @@ class BatchQueries(StoreBase):
                          " ORDER BY seq DESC LIMIT ?", (tenant, dialect, start, limit + 1))
         return [BatchRow(*r) for r in rows[:limit]], len(rows) > limit
 
-    def batch_delete(self, batch_id: str, tenant: str | None) -> None:
-        """Delete an ended batch with its items, deliveries, attempts and generated files
-        (409 while it runs)."""
-        row = self._batch_row_by_id(batch_id, tenant)
-        if row.status not in models.BATCH_TERMINAL:
-            raise Conflict(f"batch {batch_id} has not ended ({row.status})")
-        with self._tx() as cur:
-            cur.execute("DELETE FROM attempts WHERE delivery IN"
-                        " (SELECT seq FROM deliveries WHERE batch=?)", (row.seq,))
-            for table in ("deliveries", "items"):
-                cur.execute(f"DELETE FROM {table} WHERE batch=?", (row.seq,))
-            cur.execute("DELETE FROM files WHERE batch=?", (row.seq,))
-            cur.execute("DELETE FROM batches WHERE seq=?", (row.seq,))
-
     def batch_cancel(self, batch_id: str, tenant: str | None, now: float) -> tuple[Batch, int]:
         """Cancel queued items now; running ones end as their workers stop.
 

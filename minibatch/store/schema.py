@@ -184,5 +184,10 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX api_keys_id ON api_keys(id);
     CREATE INDEX api_keys_tenant ON api_keys(tenant, created_at);
     CREATE INDEX batches_tenant_open ON batches(tenant) WHERE completed_at IS NULL;
+    -- Deleted batches whose items and deliveries are still being removed, a chunk per
+    -- transaction (retention.py): the batch row is gone, so nothing shows them.
+    CREATE TABLE doomed (batch INTEGER PRIMARY KEY);
+    CREATE TABLE doomed_files (file TEXT PRIMARY KEY);
+    CREATE INDEX batches_ended ON batches(completed_at) WHERE completed_at IS NOT NULL;
     """,
 ]
