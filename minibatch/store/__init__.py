@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .accounts import AccountQueries
 from .batches import BatchQueries
-from .deliveries import PUBLIC_STATUS, DeliveryQueries
+from .deliveries import DeliveryQueries
 from .endpoints import EndpointQueries, EndpointRow
 from .interface import Store
 from .items import ItemQueries
@@ -46,8 +46,11 @@ class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, En
                          " total(failed), total(cancelled), total(expired) FROM batches")
         items = dict(zip(("queued", "running", "succeeded", "failed", "cancelled", "expired"),
                          map(int, sums), strict=True))
-        deliveries = dict(self.conn.execute(
-            f"SELECT {PUBLIC_STATUS} AS s, count(*) FROM deliveries GROUP BY s"))
+        deliveries: dict[str, int] = {}
+        for status, n in self.conn.execute("SELECT status, n FROM delivery_counts"):
+            if n:
+                public = "pending" if status == "sending" else status  # as PUBLIC_STATUS
+                deliveries[public] = deliveries.get(public, 0) + n
         return {"items": items, "deliveries": deliveries}
 
 

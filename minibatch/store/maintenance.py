@@ -32,9 +32,18 @@ class MaintenanceQueries(StoreBase):
         check, and each batch's counters against its items, in one read transaction."""
         problems = [f"integrity: {row[0]}" for row in self.conn.execute(
             "PRAGMA integrity_check") if row[0] != "ok"]
-        with self.conn:  # one snapshot for the counters and the items they count
-            problems += self._counter_problems()
+        with self.conn:  # one snapshot for the counters and the rows they count
+            problems += self._counter_problems() + self._delivery_count_problems()
         return problems
+
+    def _delivery_count_problems(self) -> list[str]:
+        kept = {s: n for s, n in self.conn.execute("SELECT status, n FROM delivery_counts")
+                if n}
+        counted = dict(self.conn.execute(
+            "SELECT status, count(*) FROM deliveries GROUP BY status"))
+        return [f"deliveries {status}: counted {kept.get(status, 0)}, stored"
+                f" {counted.get(status, 0)}" for status in sorted(set(kept) | set(counted))
+                if kept.get(status, 0) != counted.get(status, 0)]
 
     def _counter_problems(self) -> list[str]:
         counted = {(batch, status): n for batch, status, n in self.conn.execute(

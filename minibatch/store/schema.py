@@ -189,5 +189,23 @@ MIGRATIONS: list[str] = [
     CREATE TABLE doomed (batch INTEGER PRIMARY KEY);
     CREATE TABLE doomed_files (file TEXT PRIMARY KEY);
     CREATE INDEX batches_ended ON batches(completed_at) WHERE completed_at IS NOT NULL;
+    -- Deliveries by status for /metrics, kept by triggers in the same transaction as
+    -- every change, so a scrape reads a few rows, not a GROUP BY over all deliveries.
+    CREATE TABLE delivery_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL)
+        WITHOUT ROWID;
+    INSERT INTO delivery_counts SELECT status, count(*) FROM deliveries GROUP BY status;
+    CREATE TRIGGER delivery_counted AFTER INSERT ON deliveries BEGIN
+        INSERT INTO delivery_counts VALUES (new.status, 1)
+            ON CONFLICT (status) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER delivery_recounted AFTER UPDATE OF status ON deliveries
+        WHEN old.status IS NOT new.status BEGIN
+        UPDATE delivery_counts SET n = n - 1 WHERE status = old.status;
+        INSERT INTO delivery_counts VALUES (new.status, 1)
+            ON CONFLICT (status) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER delivery_uncounted AFTER DELETE ON deliveries BEGIN
+        UPDATE delivery_counts SET n = n - 1 WHERE status = old.status;
+    END;
     """,
 ]

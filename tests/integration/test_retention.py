@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 
+import anyio
 import httpx
 import pytest
 
@@ -161,3 +162,40 @@ async def test_the_file_stops_growing_under_steady_churn(db_path):
     print(f"size after rounds 1, 5, 10, 30: {sizes[0]:,} {sizes[4]:,} {sizes[9]:,}"
           f" {sizes[-1]:,} bytes")
     assert sizes[-1] <= sizes[4] * 1.1 + 64 * 1024, sizes
+
+
+async def test_delivery_counts_for_metrics_follow_every_change_of_status(db_path):
+    """Kept by triggers: inserted, claimed, retried, failed, redelivered and deleted, the
+    counts /metrics reads equal a GROUP BY over the rows, and `check` agrees."""
+    mb = minibatch.Minibatch(db_path, allow_private_webhooks=True,
+                             webhook_retry_schedule=(0, 0.05))
+
+    @mb.handler("k")
+    async def k(item):
+        return item.input
+
+    def grouped() -> dict[str, int]:
+        rows = mb.store.conn.execute("SELECT CASE status WHEN 'sending' THEN 'pending'"
+                                     " ELSE status END, count(*) FROM deliveries GROUP BY 1")
+        return dict(rows)
+
+    with Receiver(default=500) as bad, Receiver() as good:
+        async with mb:
+            failing = await mb.submit("k", [{"input": 1}], webhook={"url": bad.url})
+            ok = await mb.submit("k", [{"input": 2}], webhook={"url": good.url})
+            with anyio.fail_after(30):
+                while sum(grouped().get(s, 0) for s in ("succeeded", "failed")) < 2:
+                    assert mb.store.counts()["deliveries"] == grouped()
+                    await anyio.sleep(0.02)
+            assert mb.store.counts()["deliveries"] == grouped() == {"succeeded": 1,
+                                                                    "failed": 1}
+            [failed] = [d for b in (failing, ok) for d in (await mb.deliveries(b.id))
+                        if d.status == "failed"]
+            await mb.redeliver(failed.id)
+            assert mb.store.counts()["deliveries"] == grouped()
+            mb.store.batch_delete(ok.id, None)
+            while mb.store.doomed_prune(1000):
+                pass
+            assert mb.store.counts()["deliveries"] == grouped()
+            assert mb.store.check() == []
+    mb.close()
