@@ -5,6 +5,7 @@ the event loop never waits for it. The store's half is store/retention.py."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import anyio
@@ -19,6 +20,10 @@ from .store import Store
 log = logging.getLogger("minibatch.retention")
 PRUNE_INTERVAL_S = 1.0  # how soon a deleted batch's rows start going
 CHUNK = 2000  # rows removed per transaction (~ms of write lock each)
+# Between two of them: the thread lets go of the write lock and the GIL, so the event
+# loop's writes and requests get in (bench/retention.py: GET p99 during a prune of 1M
+# items 28.6 ms back to back, against 10.6 ms before it).
+CHUNK_GAP_S = 0.002
 BATCHES_PER_PASS = 100  # ended batches deleted per retention transaction
 
 
@@ -61,6 +66,7 @@ class Pruner:
         removed = 0
         while chunk := store.doomed_prune(CHUNK):
             removed += chunk
+            time.sleep(CHUNK_GAP_S)
         store.idempotency_prune(now - IDEMPOTENCY_WINDOW_S)
         return removed
 

@@ -199,3 +199,33 @@ async def test_delivery_counts_for_metrics_follow_every_change_of_status(db_path
             assert mb.store.counts()["deliveries"] == grouped()
             assert mb.store.check() == []
     mb.close()
+
+
+def test_a_prune_under_load_loses_nothing_and_every_request_is_answered(tmp_path):
+    """While the pruner removes a deleted 20,000-item batch, another batch runs and
+    GETs keep coming: each GET is a 200, the running batch ends with every item, and the
+    database's counters still add up."""
+    srv = ServerThread(str(tmp_path / "load.db")).start()
+    try:
+        auth = {"Authorization": f"Bearer {srv.key('acme')}"}
+        big = httpx.post(srv.url + "/v1/batches", headers=auth, timeout=60, json={
+            "kind": "echo", "items": [{"input": i} for i in range(20000)]}).json()["id"]
+        until(lambda: httpx.get(f"{srv.url}/v1/batches/{big}", headers=auth).json()[
+            "status"] == "completed", timeout=120)
+        running = httpx.post(srv.url + "/v1/batches", headers=auth, json={
+            "kind": "sleep", "items": [{"input": {"seconds": 0.01}} for _ in range(2000)]}
+                             ).json()["id"]
+        seq = srv.mb.store.batch_seq(big, None)
+        assert httpx.delete(f"{srv.url}/v1/batches/{big}", headers=auth).status_code == 200
+        statuses, deadline = [], time.monotonic() + 120
+        with httpx.Client(base_url=srv.url, headers=auth, timeout=30) as http:
+            while rows_of(srv.mb.store, seq)[0] or http.get(
+                    f"/v1/batches/{running}").json()["status"] != "completed":
+                assert time.monotonic() < deadline
+                statuses.append(http.get(f"/v1/batches/{running}").status_code)
+        assert statuses and set(statuses) == {200}
+        done = httpx.get(f"{srv.url}/v1/batches/{running}", headers=auth).json()
+        assert done["metrics"]["succeeded"] == 2000
+        assert srv.mb.store.check() == []
+    finally:
+        srv.stop()
