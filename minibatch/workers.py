@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("minibatch.workers")
 SETTINGS_ENV = "MINIBATCH_WORKER_SETTINGS"  # the serve process's Settings, as JSON
+PARENT_ENV = "MINIBATCH_WORKER_PARENT"  # the serve process's pid
 PARENT_CHECK_S = 0.5  # how often a worker looks for its serve process
 RESTART_MIN_S = 0.5  # before starting a dead worker again; doubles while it keeps dying
 RESTART_MAX_S = 30.0
@@ -59,7 +60,8 @@ class WorkerPool:
         self.stopping = False
 
     def command(self) -> tuple[list[str], dict[str, str]]:
-        env = dict(os.environ, **{SETTINGS_ENV: msgspec.json.encode(self.settings).decode()})
+        env = dict(os.environ, **{SETTINGS_ENV: msgspec.json.encode(self.settings).decode(),
+                                  PARENT_ENV: str(os.getpid())})
         return [sys.executable, "-m", "minibatch", "worker"], env
 
     async def run(self, task_group: anyio.abc.TaskGroup) -> None:
@@ -120,7 +122,9 @@ def worker_settings() -> dict:
 async def run_worker(mb: Minibatch) -> None:
     """Run `mb`'s items (no API, no webhooks) until SIGTERM/SIGINT or the serve process
     is gone, then finish or hand back the running items."""
-    parent = os.getppid()
+    # The pid serve had when it started this process: read at start-up instead, it would
+    # be init's if serve died while this one was still importing, and never change.
+    parent = int(os.environ.pop(PARENT_ENV, os.getppid()))
     os.nice(WORKER_NICE)
     mb.delivers = mb.prunes = False  # the serve process does both
     async with mb:

@@ -276,6 +276,8 @@ def test_keys_list_never_shows_a_key_and_a_revoked_key_is_401_at_once(served):
     other = json.loads(cli("keys", "create", "--tenant", "acme", "--db", served.db).stdout)
     key = {"Authorization": f"Bearer {made['api_key']}"}
     assert httpx.get(served.url + "/v1/batches", headers=key).status_code == 200  # cached now
+    running = httpx.post(served.url + "/v1/batches", headers=key, json={
+        "kind": "sleep", "items": [{"input": {"seconds": 0.5}} for _ in range(3)]}).json()
 
     listed = cli("keys", "list", "--tenant", "acme", "--db", served.db)
     assert listed.returncode == 0
@@ -295,5 +297,11 @@ def test_keys_list_never_shows_a_key_and_a_revoked_key_is_401_at_once(served):
     still = httpx.get(served.url + "/v1/batches",
                       headers={"Authorization": f"Bearer {other['api_key']}"})
     assert still.status_code == 200  # the tenant's other key goes on
+    # The batch the revoked key made runs on: a key is the caller's door, not the work's.
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{served.url}/v1/batches/{running['id']}", headers={
+            "Authorization": f"Bearer {other['api_key']}"}).json()["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert "no API key" in one_clear_line(cli("keys", "revoke", "key_nope", "--db",
                                               served.db))
