@@ -418,14 +418,7 @@ class Runner:
     async def canceller(self) -> None:
         """A cancel made in another process (the API's, or another worker's) reaches this
         one's running items within a poll interval: a read, and only while items run."""
-        while True:
-            await anyio.sleep(self.settings.poll_interval_s)
-            try:
-                self.cancel_once()
-            except StorageUnavailable:
-                pass  # the next pass sees it
-            except Exception:
-                await self._pause_after_error("canceller")
+        await self._every(self.settings.poll_interval_s, self.cancel_once, "canceller")
 
     def cancel_once(self) -> None:
         """Interrupt this process's running items of batches cancelled anywhere."""
@@ -434,14 +427,7 @@ class Runner:
             self.cancel_local(batch_seq)
 
     async def rescuer(self) -> None:
-        while True:
-            await anyio.sleep(max(self.settings.lease_s / 2, 0.05))
-            try:
-                self.rescue_once()
-            except StorageUnavailable:
-                pass  # the next pass rescues them
-            except Exception:
-                await self._pause_after_error("rescuer")
+        await self._every(max(self.settings.lease_s / 2, 0.05), self.rescue_once, "rescuer")
 
     def rescue_once(self) -> int:
         """Put other processes' items whose lease expired back in the queue (or fail them).
@@ -456,14 +442,19 @@ class Runner:
         return self.store.items_rescue(now, except_owner=self.owner)
 
     async def expirer(self) -> None:
+        await self._every(EXPIRY_INTERVAL_S, self.expire_once, "expirer")
+
+    async def _every(self, interval_s: float, step: Callable[[], object], loop: str) -> None:
+        """Run `step` every `interval_s`: after a storage fault the next pass does its work;
+        any other error is logged and the loop goes on."""
         while True:
-            await anyio.sleep(EXPIRY_INTERVAL_S)
+            await anyio.sleep(interval_s)
             try:
-                self.expire_once()
+                step()
             except StorageUnavailable:
-                pass  # the next pass expires them
+                pass
             except Exception:
-                await self._pause_after_error("expirer")
+                await self._pause_after_error(loop)
 
     def expire_once(self) -> int:
         """End the items not started of batches past their `expires_at` (`expired`)."""
