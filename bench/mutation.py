@@ -6,6 +6,7 @@ Usage (from the repo root; `bench/mutation.sh` is the same with the venv's pytho
     bench/mutation.sh --module signing         # one module (repeat --module for more)
     bench/mutation.sh --module auth --report /tmp/auth-survivors.md
     bench/mutation.sh --list                   # the module -> tests map and mutant counts
+    bench/mutation.sh --module store --sample 200 --seed 1   # a random sample of mutants
 
 It copies the work tree (or, with `--ref REV`, a `git archive` of that commit) into a temp
 dir and mutates only that copy with cosmic-ray (installed into the venv if missing), so the
@@ -184,6 +185,24 @@ def skip_mutants(db_path: Path, tree: Path, exclude_ops: str | None) -> None:
                     break
 
 
+def sample_mutants(db_path: Path, n: int, seed: int) -> None:
+    """Leave `n` of the pending mutants, drawn at random with `seed`, and mark the rest
+    skipped: a score from a uniform sample estimates the module's (about +-4 points at
+    n=300 and 85 %), for modules whose full run takes hours."""
+    import random
+
+    from cosmic_ray.work_db import use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    with use_db(str(db_path)) as db:
+        pending = sorted(item.job_id for item in db.pending_work_items)
+        keep = set(random.Random(seed).sample(pending, min(n, len(pending))))
+        for job_id in pending:
+            if job_id not in keep:
+                db.set_result(job_id, WorkResult(output="not in the sample",
+                                                 worker_outcome=WorkerOutcome.SKIPPED))
+
+
 def run_module(name: str, tree: Path, work: Path, args: argparse.Namespace) -> dict:
     target, tests = MAP[name]
     env = test_env(tree)
@@ -218,6 +237,9 @@ def run_module(name: str, tree: Path, work: Path, args: argparse.Namespace) -> d
     cr = [PY, "-m", "cosmic_ray.cli"]
     subprocess.run([*cr, "init", str(config), str(db)], cwd=tree, env=env, check=True)
     skip_mutants(db, tree, args.exclude_operators)
+    if args.sample:
+        sample_mutants(db, args.sample, args.seed)
+        print(f"[{name}] a random sample of {args.sample} (seed {args.seed})", flush=True)
     total, pending = counts(db)
     print(f"[{name}] {total} mutants, {pending} to run", flush=True)
     if args.list:
@@ -336,6 +358,10 @@ def main() -> None:
     parser.add_argument("--timeout-factor", type=float, default=3.0)
     parser.add_argument("--exclude-operators", metavar="REGEX",
                         help="skip cosmic-ray operators matching this, e.g. 'Binary.*Shift'")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="judge a random sample of N mutants (the score estimates the"
+                             " module's)")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--list", action="store_true",
                         help="count the mutants and time the tests, run no mutant")
     parser.add_argument("--keep", action="store_true", help="keep the temp copy")
