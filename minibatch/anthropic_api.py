@@ -211,7 +211,7 @@ class AnthropicApi:
         if row.status not in models.BATCH_TERMINAL:
             raise BadRequest(f"message batch {row.id} is still in progress: cancel it, or"
                              " wait for it to end, before deleting it")
-        self.mb.store.batch_delete(row.id, tenant)
+        self.mb.store.batch_delete(row.id, tenant, self.mb.now())
         return _json({"id": row.id, "type": "message_batch_deleted"})
 
     async def results(self, request: Request, tenant: str) -> Response:

@@ -328,7 +328,7 @@ class Api:
 
     async def delete_batch(self, request: Request, tenant: str) -> Response:
         batch_id = request.path_params["batch_id"]
-        self.mb.store.batch_delete(batch_id, tenant)
+        self.mb.store.batch_delete(batch_id, tenant, self.mb.now())
         return json_response({"id": batch_id, "object": "batch.deleted", "deleted": True})
 
     async def delete_file(self, request: Request, tenant: str) -> Response:

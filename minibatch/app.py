@@ -119,6 +119,8 @@ class Minibatch:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._task_group is not None
+        if self.pruner is not None:
+            self.pruner.stopping.set()  # a pass under way stops at its next chunk
         with anyio.CancelScope(shield=True):
             if self.runner is not None:
                 await self.runner.drain(self.settings.shutdown_grace_s)

@@ -92,18 +92,22 @@ async def serve_until_signalled(mb: Any, host: str, port: int, *, quiet: bool = 
             # process before the runner hands its items back; the signals are ours here.
             yield
 
-    async def stop_on_signal(server: uvicorn.Server) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                server.should_exit = True
-                return
-
     server = Server(server_config(mb, host, port, log_level="warning" if quiet else "info"))
     pool = WorkerPool(mb.settings, mb.store) if mb.settings.workers > 1 else None
     mb.runs_items = pool is None
+
+    async def stop_on_signal(server: uvicorn.Server) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                if pool is not None:  # a worker that exits from now on is not replaced
+                    pool.stopping = True
+                server.should_exit = True
+                return
+
     async with mb, anyio.create_task_group() as tg:
         tg.start_soon(stop_on_signal, server)
         if pool is not None:
+            mb.store.autocheckpoint(False)  # the workers' checkpointers keep the WAL short
             await pool.run(tg)
         await server.serve()
         if pool is not None:
@@ -216,9 +220,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """A consistent copy of the database, taken while serve may be writing it."""
     if os.path.exists(args.dest):
         raise CliError(f"{args.dest} exists; a backup is written to a new file")
+    from .errors import MinibatchError
+
     store = _existing_store(args.db)
     try:
         pages = store.backup_to(args.dest)
+    except MinibatchError as exc:
+        raise CliError(exc.detail) from None
     finally:
         store.close()
     print(json.dumps({"backup": args.dest, "pages": pages}))

@@ -86,6 +86,8 @@ class _WithRequestId(logging.Filter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        if record.name == access_log.name and not line.isprintable():
+            line = json.dumps(line)[1:-1]  # a path with a newline must not forge a line
         rid = getattr(record, "request_id", None)
         return f"{line} request_id={rid}" if rid else line
 
@@ -192,8 +194,9 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
                                "message": f"{method} {path} {status} {ms}ms",
                                "request_id": rid, "method": method, "path": path,
                                "status": status, "duration_ms": ms})
-        else:
-            line = (f"{clock.now()} INFO minibatch.access: {method} {path} {status} {ms}ms"
+        else:  # a decoded path may hold a newline: one request, one line
+            shown = path if path.isprintable() else json.dumps(path)[1:-1]
+            line = (f"{clock.now()} INFO minibatch.access: {method} {shown} {status} {ms}ms"
                     f" request_id={rid}")
         handler.acquire()  # threads log through the same stream
         try:

@@ -421,9 +421,11 @@ class Runner:
         await self._every(self.settings.poll_interval_s, self.cancel_once, "canceller")
 
     def cancel_once(self) -> None:
-        """Interrupt this process's running items of batches cancelled anywhere."""
-        running_batches = {b for b, _ in self.running.values()} - self.cancelled
-        for batch_seq in self.store.batches_cancelling(running_batches):  # none: no query
+        """Interrupt this process's running items of batches cancelled anywhere; those
+        claimed and waiting in a deque then never start (`_ended_before_start`)."""
+        held = {b for b, _ in self.running.values()}
+        held.update(c.batch_seq for pool in self.pools.values() for c in pool.ready)
+        for batch_seq in self.store.batches_cancelling(held - self.cancelled):  # none: no query
             self.cancel_local(batch_seq)
 
     async def rescuer(self) -> None:

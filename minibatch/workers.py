@@ -80,6 +80,8 @@ class WorkerPool:
             process = await anyio.open_process(command, env=env, stdin=None, stdout=None,
                                                stderr=None)
             self.processes[slot] = process
+            if self.stopping:  # stop() began while this one was starting
+                process.send_signal(signal.SIGTERM)
             started = time.monotonic()
             code = await process.wait()
             if self.stopping:
@@ -98,6 +100,7 @@ class WorkerPool:
     async def stop(self) -> None:
         """SIGTERM every worker and wait for them; kill those still there past the grace."""
         self.stopping = True
+        await anyio.sleep(0)  # a worker being started sees `stopping` first
         running = [p for p in self.processes.values() if p.returncode is None]
         for process in running:
             process.send_signal(signal.SIGTERM)

@@ -50,11 +50,11 @@ class AccountQueries(StoreBase):
                 return None
             known = self._keys[key_hash] = [row[0], row[1] or 0.0]
         if now - known[1] >= KEY_TOUCH_S:
-            known[1] = now
             try:
                 with self._tx() as cur:
                     cur.execute("UPDATE api_keys SET last_used_at=? WHERE key_hash=?",
                                 (now, key_hash))
+                known[1] = now
             except StorageUnavailable:
                 pass  # a full disk must not refuse a read: the next use writes it
         return known[0]

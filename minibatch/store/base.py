@@ -53,11 +53,16 @@ class StoreBase:
         except apsw.CantOpenError as exc:
             raise StorageUnavailable(f"cannot open database {path!r}: {exc}") from None
         self.wait_for_lock(True)
-        if path != ":memory:":
-            self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self.conn.execute("PRAGMA temp_store=MEMORY")
-        self.migrate()
+        try:
+            if path != ":memory:":
+                self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute(
+                f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            self.conn.execute("PRAGMA temp_store=MEMORY")
+            self.migrate()
+        except (apsw.NotADBError, apsw.CorruptError) as exc:
+            self.conn.close()
+            raise StorageUnavailable(f"{path!r} is not a readable database: {exc}") from None
 
     def close(self) -> None:
         if self._checkpointer is not None:

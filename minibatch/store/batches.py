@@ -25,6 +25,11 @@ from .rows import (
 
 CHUNK = 5000  # items encoded and inserted per executemany while submitting
 QUEUE_RETRY_AFTER_S = 10.0  # the Retry-After of a submit refused for a full queue
+# A batch's seq: past every batch, and past every deleted batch whose rows are still being
+# removed (retention.py), which must never lend its seq to a new batch (SQLite reuses the
+# highest rowid once its row is deleted).
+NEXT_BATCH_SEQ = ("(SELECT max(coalesce((SELECT max(seq) FROM batches), 0),"
+                  " coalesce((SELECT max(batch) FROM doomed), 0)) + 1)")
 
 
 class BatchQueries(StoreBase):
@@ -63,10 +68,10 @@ class BatchQueries(StoreBase):
             events = encode(webhook.events or list(models.BATCH_EVENTS)).decode()
         with self._tx() as cur:
             cur.execute(
-                "INSERT INTO batches (id, tenant, kind, status, total, queued, created_at,"
+                "INSERT INTO batches (seq, id, tenant, kind, status, total, queued, created_at,"
                 " metadata, max_attempts, item_timeout_s, concurrency, webhook_url,"
                 " webhook_events, expires_at, dialect, dialect_data)"
-                " VALUES (?,?,?, 'queued', 0, 0, ?,?,?,?,?,?,?,?,?,?)",
+                f" VALUES ({NEXT_BATCH_SEQ}, ?,?,?, 'queued', 0, 0, ?,?,?,?,?,?,?,?,?,?)",
                 (batch_id, tenant, kind, now, encode(metadata or {}), max_attempts,
                  item_timeout_s, concurrency, webhook.url if webhook else None, events,
                  expires_at, dialect, None if dialect_data is None else encode(dialect_data)),
@@ -81,6 +86,11 @@ class BatchQueries(StoreBase):
                                    [{"field": "items", "message": "empty"}])
             cur.execute("UPDATE batches SET total=?, queued=? WHERE seq=?", (total, total, seq))
             if max_queued is not None:
+                if total > max_queued:
+                    raise InvalidInput(
+                        f"a batch of {total} items is over the limit of {max_queued} queued"
+                        " items per tenant (max_queued_items): split it",
+                        [{"field": "items", "message": "more than max_queued_items"}])
                 self._check_queued(tenant, total, max_queued)
             row = self._batch_row(seq)
             if idempotency is not None:
@@ -104,9 +114,9 @@ class BatchQueries(StoreBase):
         did not validate), and its end's events, in one transaction."""
         with self._tx() as cur:
             cur.execute(
-                "INSERT INTO batches (id, tenant, kind, status, total, queued, created_at,"
+                "INSERT INTO batches (seq, id, tenant, kind, status, total, queued, created_at,"
                 " metadata, max_attempts, dialect, dialect_data)"
-                " VALUES (?,?,?, 'queued', 0, 0, ?,?, 1, ?,?)",
+                f" VALUES ({NEXT_BATCH_SEQ}, ?,?,?, 'queued', 0, 0, ?,?, 1, ?,?)",
                 (new_id("batch"), tenant, kind, now, encode(metadata or {}), dialect,
                  encode(dialect_data)))
             seq = self.conn.last_insert_rowid()

@@ -98,8 +98,8 @@ class DeliveryQueries(StoreBase):
         A pending delivery keeps its remaining automatic attempts (the manual one comes
         first); an ended one gets one more attempt; one being sent is a 409."""
         with self._tx() as cur:
-            row = self._one("SELECT seq, tenant, status FROM deliveries WHERE id=?",
-                            (delivery_id,))
+            row = self._one("SELECT seq, tenant, status FROM deliveries WHERE id=? AND batch IN"
+                            " (SELECT seq FROM batches)", (delivery_id,))  # not deleted
             if row is None or (tenant is not None and row[1] != tenant):
                 raise NotFound(f"no delivery {delivery_id!r}")
             seq, _, status = row

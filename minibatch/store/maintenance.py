@@ -15,7 +15,10 @@ class MaintenanceQueries(StoreBase):
         """Copy the whole database to a new file `dest`, as one snapshot (SQLite's online
         backup in a single step: one read transaction, which in WAL mode blocks no
         writer). Returns the pages copied."""
-        target = apsw.Connection(dest)
+        try:
+            target = apsw.Connection(dest)
+        except apsw.Error as exc:
+            raise StorageUnavailable(f"cannot write a backup to {dest!r}: {exc}") from None
         try:
             with target.backup("main", self.conn, "main") as backup:
                 backup.step(-1)
@@ -30,10 +33,13 @@ class MaintenanceQueries(StoreBase):
     def check(self) -> list[str]:
         """Every problem found, as one line each (none: an empty list): SQLite's integrity
         check, and each batch's counters against its items, in one read transaction."""
-        problems = [f"integrity: {row[0]}" for row in self.conn.execute(
-            "PRAGMA integrity_check") if row[0] != "ok"]
-        with self.conn:  # one snapshot for the counters and the rows they count
-            problems += self._counter_problems() + self._delivery_count_problems()
+        try:
+            problems = [f"integrity: {row[0]}" for row in self.conn.execute(
+                "PRAGMA integrity_check") if row[0] != "ok"]
+            with self.conn:  # one snapshot for the counters and the rows they count
+                problems += self._counter_problems() + self._delivery_count_problems()
+        except apsw.Error as exc:
+            problems = [f"the database cannot be read: {exc}"]
         return problems
 
     def _delivery_count_problems(self) -> list[str]:

@@ -18,28 +18,33 @@ from .base import StoreBase
 
 
 class RetentionQueries(StoreBase):
-    def batch_delete(self, batch_id: str, tenant: str | None) -> None:
+    def batch_delete(self, batch_id: str, tenant: str | None, now: float) -> None:
         """Delete an ended batch (409 while it runs): gone at once for every reader, its
         rows removed by `doomed_prune`."""
         row = self._batch_row_by_id(batch_id, tenant)
         if row.status not in models.BATCH_TERMINAL:
             raise Conflict(f"batch {batch_id} has not ended ({row.status}); cancel it first")
         with self._tx() as cur:
-            self._doom(cur, [row.seq])
+            self._doom(cur, [row.seq], now)
 
-    def batches_delete_ended(self, before: float, limit: int) -> int:
+    def batches_delete_ended(self, before: float, limit: int, now: float) -> int:
         """Delete up to `limit` batches that ended before `before` (retention); returns
         how many."""
         with self._tx() as cur:
             seqs = [r[0] for r in cur.execute(
                 "SELECT seq FROM batches WHERE completed_at IS NOT NULL AND completed_at<?"
                 " ORDER BY completed_at LIMIT ?", (before, limit))]
-            self._doom(cur, seqs)
+            self._doom(cur, seqs, now)
         return len(seqs)
 
     @staticmethod
-    def _doom(cur: apsw.Cursor, seqs: list[int]) -> None:
+    def _doom(cur: apsw.Cursor, seqs: list[int], now: float) -> None:
+        """The batches' rows go, and their deliveries still to send end (a deleted batch
+        sends nothing more); the rest waits in `doomed` for `doomed_prune`."""
         for seq in seqs:
+            cur.execute("UPDATE deliveries SET status='failed', failure_reason_code="
+                        "'batch_deleted', next_attempt_at=NULL, completed_at=? WHERE batch=?"
+                        " AND status IN ('pending', 'sending')", (now, seq))
             cur.execute("DELETE FROM file_parts WHERE file IN (SELECT id FROM files WHERE"
                         " batch=?)", (seq,))
             cur.execute("DELETE FROM files WHERE batch=?", (seq,))

@@ -188,6 +188,8 @@ MIGRATIONS: list[str] = [
     -- transaction (retention.py): the batch row is gone, so nothing shows them.
     CREATE TABLE doomed (batch INTEGER PRIMARY KEY);
     CREATE TABLE doomed_files (file TEXT PRIMARY KEY);
+    CREATE INDEX files_batch ON files(batch) WHERE batch IS NOT NULL;
+    CREATE INDEX idempotency_age ON idempotency(created_at);
     CREATE INDEX batches_ended ON batches(completed_at) WHERE completed_at IS NOT NULL;
     -- Deliveries by status for /metrics, kept by triggers in the same transaction as
     -- every change, so a scrape reads a few rows, not a GROUP BY over all deliveries.

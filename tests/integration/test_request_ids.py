@@ -82,6 +82,14 @@ def test_text_logs_name_the_request_and_the_access_log_can_be_turned_off(tmp_pat
             time.sleep(0.05)
         line = next(x for x in served.log.read_text().splitlines() if "text-1" in x)
         assert "minibatch.access: GET /healthz 200" in line
+        forged = "/x%0A2026-12-01T00:00:00.000 INFO minibatch.access: POST /v1/batches 201"
+        httpx.get(served.url + forged, headers={"x-request-id": "forge-1"})
+        deadline = time.monotonic() + 30
+        while "request_id=forge-1" not in served.log.read_text():
+            assert time.monotonic() < deadline, served.log_tail()
+            time.sleep(0.05)
+        assert not [x for x in served.log.read_text().splitlines()
+                    if x.startswith("2026-12-01T00:00:00.000")]  # no forged line
     finally:
         assert served.stop() == 0
     quiet = Served(tmp_path, "--no-access-log", "--log-format", "json")

@@ -105,7 +105,7 @@ def test_doomed_rows_go_a_chunk_per_transaction(db_path):
                        (row.seq,))
     store.conn.execute("UPDATE items SET status='succeeded'")
     store.conn.execute("UPDATE batches SET queued=0, succeeded=25")
-    store.batch_delete(row.id, "t")
+    store.batch_delete(row.id, "t", 2.0)
     assert [store.doomed_prune(10) for _ in range(4)] == [10, 10, 6, 0]  # 5 + its doom
     assert rows_of(store, row.seq) == (0, 0, 0)
     store.close()
@@ -152,7 +152,7 @@ async def test_the_file_stops_growing_under_steady_churn(db_path):
             for _ in range(30):
                 batch = await mb.submit("k", ({"input": i} for i in range(2000)))
                 await mb.wait(batch.id, timeout=60)
-                mb.store.batch_delete(batch.id, None)
+                mb.store.batch_delete(batch.id, None, mb.now())
                 pruner.prune_once()
                 mb.store.checkpoint()
                 sizes.append(os.path.getsize(db_path))
@@ -193,7 +193,7 @@ async def test_delivery_counts_for_metrics_follow_every_change_of_status(db_path
                         if d.status == "failed"]
             await mb.redeliver(failed.id)
             assert mb.store.counts()["deliveries"] == grouped()
-            mb.store.batch_delete(ok.id, None)
+            mb.store.batch_delete(ok.id, None, mb.now())
             while mb.store.doomed_prune(1000):
                 pass
             assert mb.store.counts()["deliveries"] == grouped()
@@ -229,3 +229,47 @@ def test_a_prune_under_load_loses_nothing_and_every_request_is_answered(tmp_path
         assert srv.mb.store.check() == []
     finally:
         srv.stop()
+
+
+def test_a_new_batch_never_takes_the_seq_of_a_deleted_batch_whose_rows_remain(db_path):
+    """SQLite hands out the highest deleted rowid again: a batch submitted while the
+    newest one's rows are still being removed must neither collide with them nor lose
+    its own items to the pruner."""
+    store = SqliteStore(db_path)
+    old = store.batch_insert(tenant="t", kind="k", now=0.0, max_attempts=1,
+                             items=[{"input": i} for i in range(50)])
+    store.conn.execute("UPDATE batches SET status='completed', completed_at=1")
+    store.batch_delete(old.id, "t", 2.0)
+    assert store.doomed_prune(10) == 10  # partly removed
+    new = store.batch_insert(tenant="t", kind="k", now=3.0, max_attempts=1,
+                             items=[{"input": i} for i in range(3)])
+    assert new.seq != old.seq
+    while store.doomed_prune(10):
+        pass
+    assert rows_of(store, new.seq)[0] == 3 and rows_of(store, old.seq) == (0, 0, 0)
+    store.close()
+
+
+async def test_a_deleted_batch_sends_nothing_more_and_its_delivery_cannot_be_redelivered(
+        db_path):
+    mb = minibatch.Minibatch(db_path, allow_private_webhooks=True,
+                             webhook_retry_schedule=(0, 600))
+
+    @mb.handler("k")
+    async def k(item):
+        return item.input
+
+    with Receiver(default=500) as rx:
+        async with mb:
+            batch = await mb.submit("k", [{"input": 1}], webhook={"url": rx.url})
+            with anyio.fail_after(30):
+                while not rx.requests:  # the first attempt failed; the next is 600 s away
+                    await anyio.sleep(0.02)
+            [delivery] = await mb.deliveries(batch.id)
+            mb.store.batch_delete(batch.id, None, mb.now())
+            status = mb.store._one("SELECT status, failure_reason_code FROM deliveries"
+                                   " WHERE id=?", (delivery.id,))
+            assert tuple(status) == ("failed", "batch_deleted")
+            with pytest.raises(minibatch.errors.NotFound):
+                await mb.redeliver(delivery.id)
+    mb.close()

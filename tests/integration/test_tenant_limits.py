@@ -84,16 +84,28 @@ async def test_a_submit_past_max_queued_items_is_429_and_writes_nothing(db_path)
         first = (await mb.list_batches(tenant="acme"))[-1]
         await mb.cancel(first.id, tenant="acme")  # its 6 are no longer queued
         await mb.submit("blocked", [{"input": i} for i in range(6)], tenant="acme")
+        with pytest.raises(InvalidInput, match="split it"):  # never fits: not a 429
+            await mb.submit("blocked", [{"input": i} for i in range(11)], tenant="zeta")
     mb.close()
 
 
-def test_the_queue_limit_is_a_429_over_http(tmp_path):
-    srv = ServerThread(str(tmp_path / "q.db"), max_queued_items=3).start()
+def test_the_queue_limit_is_a_429_over_http_and_a_batch_over_it_alone_a_422(tmp_path):
+    srv = ServerThread(str(tmp_path / "q.db"), max_queued_items=3)
+    srv.mb.runs_items = False  # the items stay queued
+    srv.start()
     try:
         auth = {"Authorization": f"Bearer {srv.key('acme')}"}
-        body = {"kind": "sleep", "items": [{"input": {"seconds": 600}} for _ in range(4)]}
-        r = httpx.post(srv.url + "/v1/batches", headers=auth, json=body)
-        assert r.status_code == 429 and r.headers["retry-after"] == "10"
-        assert httpx.get(srv.url + "/v1/batches", headers=auth).json()["data"] == []
+
+        def submit(n: int) -> httpx.Response:
+            return httpx.post(srv.url + "/v1/batches", headers=auth, json={
+                "kind": "echo", "items": [{"input": i} for i in range(n)]})
+
+        assert submit(2).status_code == 201
+        full = submit(2)
+        assert full.status_code == 429 and full.headers["retry-after"] == "10"
+        assert full.headers["content-type"] == "application/problem+json"
+        never = submit(4)
+        assert never.status_code == 422 and "split it" in never.json()["detail"]
+        assert len(httpx.get(srv.url + "/v1/batches", headers=auth).json()["data"]) == 1
     finally:
         srv.stop()

@@ -757,3 +757,19 @@ async def test_the_checkpointer_turns_automatic_checkpoints_off_while_it_runs(
         await runner.checkpointer()
     assert seen == [0] and wal_autocheckpoint() == 1000
     store.close()
+
+
+async def test_a_cancel_made_elsewhere_reaches_items_waiting_in_the_deque(db_path):
+    """Claimed but not started: the canceller asks about their batches too, so they end
+    `cancelled` instead of starting (another process cancelled the batch)."""
+    clock = [T0]
+    store, runner, pool, batch_id = build(db_path, clock, items=2)
+    assert runner.claim_once(pool) == 2 and not runner.running
+    elsewhere = SqliteStore(db_path)
+    elsewhere.batch_cancel(batch_id, None, clock[0])
+    elsewhere.close()
+    runner.cancel_once()
+    waiting = pool.ready[0]
+    assert waiting.batch_seq in runner.cancelled
+    assert runner._ended_before_start(waiting).status == "cancelled"
+    store.close()
