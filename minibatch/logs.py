@@ -86,8 +86,6 @@ class _WithRequestId(logging.Filter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        if record.name == access_log.name and not line.isprintable():
-            line = json.dumps(line)[1:-1]  # a path with a newline must not forge a line
         rid = getattr(record, "request_id", None)
         return f"{line} request_id={rid}" if rid else line
 
@@ -99,8 +97,6 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname, "logger": record.name, "message": record.getMessage()}
         if rid := getattr(record, "request_id", None):
             entry["request_id"] = rid
-        if http := getattr(record, "http", None):
-            entry.update(http)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

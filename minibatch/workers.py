@@ -68,10 +68,6 @@ class WorkerPool:
         for slot in range(self.settings.workers):
             task_group.start_soon(self._keep, slot)
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes.values() if p.returncode is None]
-
     async def _keep(self, slot: int) -> None:
         """Run one worker slot: start a process, and another each time it dies."""
         delay = RESTART_MIN_S
