@@ -33,10 +33,11 @@ from .rows import (
     sanitize_url,
 )
 from .schema import MIGRATIONS
+from .views import ERRORS_SCANNED, ViewQueries
 
 
 class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, EndpointQueries,
-                  MaintenanceQueries, RetentionQueries):
+                  MaintenanceQueries, RetentionQueries, ViewQueries):
     """One SQLite database file (WAL) holding every batch, item, delivery and key."""
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -54,7 +55,7 @@ class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, En
         return {"items": items, "deliveries": deliveries}
 
 
-__all__ = ["MIGRATIONS", "BatchRow", "Claimed", "EndpointRow", "FileRow", "Outcome",
-           "SqliteStore", "Store",
+__all__ = ["ERRORS_SCANNED", "MIGRATIONS", "BatchRow", "Claimed", "EndpointRow", "FileRow",
+           "Outcome", "SqliteStore", "Store",
            "batch_struct",
            "error_bytes", "item_id", "new_id", "readable_error", "sanitize_url"]

@@ -49,6 +49,7 @@ class RetentionQueries(StoreBase):
                         " batch=?)", (seq,))
             cur.execute("DELETE FROM files WHERE batch=?", (seq,))
             cur.execute("DELETE FROM batches WHERE seq=?", (seq,))
+            cur.execute("DELETE FROM batch_ticks WHERE batch=?", (seq,))  # a row a second
             cur.execute("INSERT OR IGNORE INTO doomed VALUES (?)", (seq,))
 
     def file_delete(self, file_id: str, tenant: str) -> None:

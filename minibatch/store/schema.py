@@ -210,4 +210,24 @@ MIGRATIONS: list[str] = [
         UPDATE delivery_counts SET n = n - 1 WHERE status = old.status;
     END;
     """,
+    # 8: the dashboard. A session holds a key's digest (never the key) and its form token;
+    # `batch_ticks` counts a batch's items ended per second (its throughput picture, a row
+    # per second of its life however many items it has). Items that ended failed,
+    # cancelled or expired, and an endpoint's deliveries, get indexes of their own, so a
+    # page of them (errors grouped, `items?status=`, an endpoint's health) reads only the
+    # rows it shows; no item that succeeds pays for them.
+    """
+    CREATE TABLE ui_sessions (
+        token_hash BLOB PRIMARY KEY, key_hash BLOB NOT NULL, csrf TEXT NOT NULL,
+        created_at REAL NOT NULL, expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE batch_ticks (
+        batch INTEGER NOT NULL, second INTEGER NOT NULL, n INTEGER NOT NULL,
+        PRIMARY KEY (batch, second)
+    ) WITHOUT ROWID;
+    CREATE INDEX items_failed ON items(batch, idx) WHERE status = 'failed';
+    CREATE INDEX items_cancelled ON items(batch, idx) WHERE status = 'cancelled';
+    CREATE INDEX items_expired ON items(batch, idx) WHERE status = 'expired';
+    CREATE INDEX deliveries_endpoint ON deliveries(endpoint, seq) WHERE endpoint IS NOT NULL;
+    """,
 ]
