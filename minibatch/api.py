@@ -320,7 +320,7 @@ class Api:
     async def results(self, request: Request, tenant: str) -> Response:
         pages = self.mb.result_pages(request.path_params["batch_id"], tenant=tenant)
         first = await anext(pages, None)  # a 404 is raised here, before streaming starts
-        return StreamingResponse(_result_lines(first, pages), media_type=JSONL)
+        return StreamingResponse(result_lines(first, pages), media_type=JSONL)
 
     async def cancel_batch(self, request: Request, tenant: str) -> Response:
         return json_response(await self.mb.cancel(request.path_params["batch_id"],
@@ -440,7 +440,7 @@ class _ResultLine(msgspec.Struct, kw_only=True):
     attempts: int
 
 
-async def _result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tuple]]
+async def result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tuple]]
                         ) -> AsyncIterator[bytes]:
     """JSONL lines; output and error are stored JSON and are passed through as Raw."""
     page = first
@@ -555,10 +555,11 @@ def create_app(mb: Minibatch) -> RequestLog:
     api = Api(mb)
     routes: list[BaseRoute] = [Route(e.path, _endpoint(api, e), methods=[e.method])
                                for e in ENDPOINTS]
-    from . import anthropic_api, openai_api  # the dialects build on this module
+    from . import anthropic_api, dashboard, openai_api  # these build on this module
 
     routes.append(Mount("/openai/v1", app=openai_api.create_app(api)))
     routes.append(Mount("/anthropic", app=anthropic_api.create_app(api)))
+    routes.append(Mount("/ui", app=dashboard.create_app(api)))
     return RequestLog(Starlette(routes=routes, exception_handlers={
         MinibatchError: _problem_handler, HTTPException: _problem_handler,
         ClientDisconnect: _client_gone, Exception: _server_error}),

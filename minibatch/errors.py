@@ -54,6 +54,11 @@ class Conflict(MinibatchError):
     title = "Conflict"
 
 
+class Forbidden(MinibatchError):
+    status = 403
+    title = "Forbidden"
+
+
 class Unauthorized(MinibatchError):
     status = 401
     title = "Unauthorized"
