@@ -308,7 +308,7 @@ class Api:
 
     async def list_items(self, request: Request, tenant: str) -> Response:
         status, limit, after = self.page_args(request, _ITEM_STATUSES)
-        index = -1 if after is None else _decimal(after)  # 18 digits: inside SQLite's ints
+        index = -1 if after is None else decimal_arg(after)  # 18 digits: inside SQLite's ints
         if index is None:
             raise InvalidInput(f"unknown cursor {after!r}",
                                [{"field": "after", "message": "unknown cursor"}])
@@ -456,21 +456,21 @@ async def result_lines(first: list[tuple] | None, rest: AsyncIterator[list[tuple
 
 def limit_arg(text: str | None, default: int, top: int) -> int:
     """A page's `limit` query value: 1 to `top`, `default` when absent (422 otherwise)."""
-    limit = default if text is None else _decimal(text)
+    limit = default if text is None else decimal_arg(text)
     if limit is None or not 1 <= limit <= top:
         raise InvalidInput(f"limit must be an integer from 1 to {top}",
                            [{"field": "limit", "message": f"1-{top}"}])
     return limit
 
 
-def _decimal(text: str) -> int | None:
+def decimal_arg(text: str) -> int | None:
     """An int from at most 18 ASCII digits (str.isdigit also accepts '³' and friends;
     Python refuses to read ints past 4,300 digits, and nothing here needs 19)."""
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def _refuse_declared_over(request: Request, limit: int) -> None:
-    declared = _decimal(request.headers.get("content-length", ""))
+    declared = decimal_arg(request.headers.get("content-length", ""))
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
 

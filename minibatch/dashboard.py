@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from . import models
-from .api import Api, as_error, result_lines
+from .api import Api, as_error, decimal_arg, result_lines
 from .auth import hash_key
 from .errors import Forbidden, InvalidInput, MinibatchError, NotFound
 from .store import ERRORS_SCANNED
@@ -310,11 +310,11 @@ def _status_arg(request: Request, name: str, statuses: tuple[str, ...]) -> str |
 
 
 def _index_arg(text: str | None) -> int:
-    if text is None:
-        return -1
-    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+    """An items page's `after` (an item's index); -1 for the first page."""
+    index = -1 if text is None else decimal_arg(text)
+    if index is None:
         raise InvalidInput(f"unknown cursor {text!r}", [])
-    return int(text)
+    return index
 
 
 def _with(request: Request, **changes: Any) -> str:

@@ -240,3 +240,24 @@ def test_a_second_tenant_sees_none_of_it_and_sign_out_ends_the_session(server, a
     other.page.wait_for_url("**/ui/login")  # the session is gone
     expect(other.page.locator('input[name="api_key"]')).to_be_visible()
     other.shot("signed-out")
+
+
+def test_the_guard_sees_a_csp_violation(server, tenant, chromium):
+    """The console guard of `tabs` can fail: an inline script put into a page is refused
+    by the CSP, and the refusal is a console error."""
+    tab = Tab(chromium, server, "csp-guard")
+    try:
+        tab.sign_in(server.key(tenant))
+        tab.page.evaluate("""() => {
+            const script = document.createElement("script");
+            script.textContent = "window.injected = true";
+            document.body.appendChild(script);
+        }""")
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not tab.errors:
+            assert time.monotonic() < deadline, "no console error for a refused script"
+            tab.page.wait_for_timeout(20)
+        assert tab.page.evaluate("() => window.injected") is None
+        assert any("Content Security Policy" in e for e in tab.errors), tab.errors
+    finally:
+        tab.context.close()

@@ -75,6 +75,23 @@ def server(tmp_path_factory):
     async def fails(item):
         raise Fail(item.input["message"], code=item.input.get("code", "bad"))
 
+    @srv.mb.openai_handler("/v1/chat/completions", max_attempts=1)
+    async def chat(item):
+        content = item.input["messages"][0]["content"]
+        if content == "refuse":
+            raise Fail("the model refused")
+        return {"object": "chat.completion", "answer": content.upper()}
+
+    @srv.mb.anthropic_handler(max_attempts=1)
+    async def message(item):
+        content = item.input["messages"][0]["content"]
+        if content == "refuse":
+            raise Fail("the model refused")
+        return {"id": "msg_local", "type": "message", "role": "assistant",
+                "model": item.input["model"], "content": [{"type": "text", "text": content}],
+                "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": 1}}
+
     yield srv.start()
     gate["open"] = True
     srv.stop()
@@ -381,3 +398,41 @@ def test_endpoint_health_shows_success_rate_and_last_error(server, api, tenant, 
     good_row, bad_row = rows[made[0]["id"]], rows[made[1]["id"]]
     assert "100.0 %" in good_row and 'data-test="last-error">—' in good_row
     assert "0.0 %" in bad_row and "HTTP 500" in bad_row
+
+
+def test_batches_of_every_dialect_are_shown(server, api, tenant, browsers):
+    import json
+
+    import anthropic
+    import openai
+
+    key = server.key(tenant)
+    native = submit(api, "echo", [1])
+    with openai.OpenAI(base_url=server.url + "/openai/v1", api_key=key) as oai:
+        lines = [{"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "m", "messages": [{"role": "user", "content": c}]}}
+                 for c in ("hello", "refuse")]
+        file = oai.files.create(file=("in.jsonl", "".join(json.dumps(x) + "\n" for x in lines)
+                                      .encode()), purpose="batch")
+        openai_batch = oai.batches.create(input_file_id=file.id, completion_window="24h",
+                                          endpoint="/v1/chat/completions").id
+        wait_for(lambda: oai.batches.retrieve(openai_batch).status == "completed")
+    with anthropic.Anthropic(base_url=server.url + "/anthropic", api_key=key) as claude:
+        anthropic_batch = claude.messages.batches.create(requests=[
+            {"custom_id": c, "params": {"model": "m", "max_tokens": 10,
+                                        "messages": [{"role": "user", "content": c}]}}
+            for c in ("hello", "refuse")]).id
+        wait_for(lambda: claude.messages.batches.retrieve(anthropic_batch)
+                 .processing_status == "ended")
+    client, _ = browsers.sign_in(key)
+    listed = client.get("/ui/batches").text
+    for batch_id, dialect in ((native["id"], "native"), (openai_batch, "openai"),
+                              (anthropic_batch, "anthropic")):
+        row = listed.split(f'data-batch-id="{batch_id}"')[1].split("</tr>")[0]
+        assert f"<td>{dialect}</td>" in row, (dialect, row)
+    for batch_id in (openai_batch, anthropic_batch):
+        page = client.get(f"/ui/batches/{batch_id}")
+        assert page.status_code == 200
+        assert re.search(r'data-test="error-group" data-count="1">.*the model refused',
+                         page.text, re.S), batch_id
+        assert 'data-done="2" data-total="2"' in page.text
