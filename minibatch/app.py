@@ -6,7 +6,6 @@ leaving it finishes or hands back in-flight work. `run_batch` is the sync facade
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +24,7 @@ from .metrics import Histogram
 from .models import Batch, ItemError, Result
 from .retention import Pruner
 from .runner import Runner
-from .store import EndpointRow, SqliteStore, Store, item_id, new_id
+from .store import EndpointRow, Store, item_id, new_id, open_store
 from .upstream import ANTHROPIC_KIND, as_request_handler, openai_kind, register_upstream
 
 DEFAULT_TENANT = "default"
@@ -42,10 +41,10 @@ class Minibatch:
 
     def __init__(self, path: str = "minibatch.db", **options: Any) -> None:
         self.settings = make_settings(db=path, **options)
-        self.store: Store = SqliteStore(path, synchronous=self.settings.synchronous,
-                           webhook_schedule=self.settings.webhook_retry_schedule)
+        self.store: Store = open_store(path, synchronous=self.settings.synchronous,
+                                       webhook_schedule=self.settings.webhook_retry_schedule)
         self.registry = Registry()
-        self.now: Callable[[], float] = time.time
+        self.now: Callable[[], float] = self.store.clock  # the database's time
         self.latency = Histogram()  # item attempt durations, for /metrics
         self.runner: Runner | None = None
         self.deliverer: Deliverer | None = None

@@ -47,6 +47,8 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
         options["allow_private_webhooks"] = True
     if args.no_access_log:
         options["access_log"] = False
+    if args.poll_only:
+        options["listen"] = False
     if args.log_format is not None:
         options["log_format"] = args.log_format
     return options
@@ -169,11 +171,11 @@ def _check_can_listen(host: str, port: int) -> None:
 def _store(db: str | None) -> Any:
     from .config import make_settings
     from .errors import MinibatchError
-    from .store import SqliteStore
+    from .store import open_store
 
     try:
         settings = make_settings(db=db or os.environ.get("MINIBATCH_DB", "minibatch.db"))
-        return SqliteStore(settings.db, webhook_schedule=settings.webhook_retry_schedule)
+        return open_store(settings.db, webhook_schedule=settings.webhook_retry_schedule)
     except MinibatchError as exc:
         raise CliError(exc.detail) from None
 
@@ -251,7 +253,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _existing_store(db: str | None) -> Any:
     path = db or os.environ.get("MINIBATCH_DB", "minibatch.db")
-    if not os.path.isfile(path):
+    if "://" not in path and not os.path.isfile(path):
         raise CliError(f"no database at {path}")
     return _store(path)
 
@@ -424,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
                    help="requests per second per API key; 429 beyond (default: none)")
     s.add_argument("--max-queued-items", type=int, metavar="N",
                    help="items queued at once per tenant; a submit past it is 429")
+    s.add_argument("--poll-only", action="store_true",
+                   help="PostgreSQL: find new work by polling only, no LISTEN (for"
+                        " PgBouncer in transaction mode; MINIBATCH_LISTEN=false)")
     s.add_argument("--no-access-log", action="store_true",
                    help="no line per request (MINIBATCH_ACCESS_LOG=false)")
     s.add_argument("--log-format", choices=("text", "json"),

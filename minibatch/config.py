@@ -34,6 +34,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     lease_s: float = 30.0
     claim_size: int = 100
     poll_interval_s: float = 0.2
+    # PostgreSQL: a submit wakes every process's claimers by LISTEN/NOTIFY; off, they
+    # poll only (PgBouncer in transaction mode drops LISTEN)
+    listen: bool = True
     default_max_attempts: int = 3
     shutdown_grace_s: float = 10.0  # on stop, running items get this long to finish
     retry_base_s: float = 1.0

@@ -280,7 +280,9 @@ class Deliverer:
             async with self.session.post(url, data=payload, headers=headers,
                                          allow_redirects=False) as resp:
                 raw = await read_capped(resp, RESPONSE_READ_LIMIT)
-                body = raw[:RESPONSE_STORE_LIMIT].decode("utf-8", "replace")
+                # Shown as text: bad UTF-8 and NUL (which no PostgreSQL text holds) as U+FFFD
+                body = raw[:RESPONSE_STORE_LIMIT].decode("utf-8", "replace").replace(
+                    "\x00", "\ufffd")
                 if 200 <= resp.status < 300:
                     return resp.status, body, None, None, None
                 return (resp.status, body, resp.headers.get("Retry-After"),

@@ -9,6 +9,7 @@ calls one store method per pass. Each loop is a thin `while` around a `..._once(
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import secrets
@@ -144,6 +145,8 @@ class Runner:
         task_group.start_soon(self.rescuer)
         task_group.start_soon(self.expirer)
         task_group.start_soon(self.checkpointer)
+        if self.settings.listen:
+            task_group.start_soon(self.listener)
 
     async def drain(self, grace_s: float) -> None:
         """Stop claiming, let running items finish for up to `grace_s`, write every
@@ -165,6 +168,22 @@ class Runner:
         except StorageUnavailable:
             log.warning("could not write %d outcomes at shutdown; their items run again",
                         len(self.outcomes))
+
+    async def listener(self) -> None:
+        """Wake a kind's claimer when any process submits items of it, from the store's
+        notifications (PostgreSQL's LISTEN/NOTIFY; SQLite sends none, as its processes
+        share one machine's poll); polling finds whatever a notification misses."""
+        token = anyio.lowlevel.current_token()
+
+        def on_kind(kind: str) -> None:  # in the store's listening thread
+            with contextlib.suppress(RuntimeError):  # the event loop has stopped
+                anyio.from_thread.run_sync(self.notify, kind, token=token)
+
+        stop = self.store.subscribe(on_kind)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            stop()
 
     def notify(self, kind: str) -> None:
         """New items of `kind` may be due now (called after a submit)."""

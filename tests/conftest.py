@@ -1,13 +1,91 @@
-"""Shared fixtures: a database file in a tmp dir, a Minibatch over it, and real servers."""
+"""Shared fixtures: a database in a tmp dir, a Minibatch over it, and real servers.
+
+The suite runs against SQLite files by default and against PostgreSQL with
+MINIBATCH_TEST_STORE=postgres: then every database a test asks for (`db_path`,
+`database(path)`) is a fresh database on MINIBATCH_TEST_POSTGRES_URL's server, or on a
+throwaway cluster this session starts (tests/postgres.py). A test of what only a SQLite
+file has (its size, WAL, faults of its disk, backups) is marked `sqlite_only`.
+"""
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import secrets
+from pathlib import Path
 
 import pytest
 
 import minibatch
+
+POSTGRES = os.environ.get("MINIBATCH_TEST_STORE", "sqlite") == "postgres"
+_databases = itertools.count(1)
+_server: dict[str, str] = {}  # the admin URL, once the session has a server
+_made: list[str] = []  # the databases this session made
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: tests what only a SQLite file has")
+    if POSTGRES:  # tests leave stores to the garbage collector, as apsw lets them
+        config.addinivalue_line("filterwarnings",
+                                "ignore:.*was deleted while still open:ResourceWarning")
+        config.addinivalue_line("filterwarnings",
+                                "ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if POSTGRES:
+        skip = pytest.mark.skip(reason="a SQLite file's own behaviour (MINIBATCH_TEST_STORE"
+                                       "=postgres)")
+        for item in items:
+            if "sqlite_only" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_sessionfinish(session) -> None:
+    """Drop the databases this session made (on a server it was given), or stop the
+    throwaway cluster it started."""
+    root = _server.get("root")
+    if root:
+        from tests import postgres
+
+        postgres.stop(root)
+    elif _made:
+        import psycopg
+
+        with psycopg.connect(_server["url"], autocommit=True) as conn:
+            for name in _made:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _admin_url() -> str:
+    if "url" not in _server:
+        url = os.environ.get("MINIBATCH_TEST_POSTGRES_URL")
+        if not url:
+            import tempfile
+
+            from tests import postgres
+
+            _server["root"] = tempfile.mkdtemp(prefix="minibatch-pg-")
+            url = postgres.start(_server["root"])
+        _server["url"] = url
+    return _server["url"]
+
+
+def database(path: Path | str) -> str:
+    """The database a test keeps at `path`: that SQLite file, or under PostgreSQL a fresh
+    database of its own (the path only names it)."""
+    if not POSTGRES or "://" in str(path):
+        return str(path)
+    import psycopg
+
+    admin = _admin_url()
+    name = f"minibatch_test_{os.getpid()}_{next(_databases)}_{secrets.token_hex(3)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    _made.append(name)
+    return admin.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture
@@ -17,7 +95,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def db_path(tmp_path) -> str:
-    return str(tmp_path / "jobs.db")
+    return database(tmp_path / "jobs.db")
 
 
 @pytest.fixture
@@ -40,7 +118,7 @@ class ServerThread:
 
         options.setdefault("allow_private_webhooks", True)
         options.setdefault("poll_interval_s", 0.02)
-        self.mb = minibatch.Minibatch(db_path, **options)
+        self.mb = minibatch.Minibatch(database(db_path), **options)
         register_builtin_kinds(self.mb)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import database
 from tests.receiver import free_port
 
 
@@ -25,8 +26,8 @@ class Served:
     """`minibatch serve` in a subprocess, configured through MINIBATCH_* variables."""
 
     def __init__(self, tmp_path: Path, *flags: str, env: dict | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
-        self.db = str(tmp_path / "served.db")
+                 preexec_fn: Callable[[], None] | None = None, db: str | None = None) -> None:
+        self.db = db or database(tmp_path / "served.db")
         for _ in range(3):  # a port found free may be taken before serve binds it
             if self._start(tmp_path, flags, env, preexec_fn):
                 break

@@ -40,22 +40,18 @@ class SqliteStore(BatchQueries, ItemQueries, DeliveryQueries, AccountQueries, En
                   MaintenanceQueries, RetentionQueries, ViewQueries):
     """One SQLite database file (WAL) holding every batch, item, delivery and key."""
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Totals for /metrics: items by status, deliveries by status (all tenants)."""
-        # The batch counters add up to the items by status, and are far fewer rows to read.
-        sums = self._one("SELECT total(queued), total(running), total(succeeded),"
-                         " total(failed), total(cancelled), total(expired) FROM batches")
-        items = dict(zip(("queued", "running", "succeeded", "failed", "cancelled", "expired"),
-                         map(int, sums), strict=True))
-        deliveries: dict[str, int] = {}
-        for status, n in self.conn.execute("SELECT status, n FROM delivery_counts"):
-            if n:
-                public = "pending" if status == "sending" else status  # as PUBLIC_STATUS
-                deliveries[public] = deliveries.get(public, 0) + n
-        return {"items": items, "deliveries": deliveries}
+
+def open_store(db: str, *, synchronous: str = "normal",
+               webhook_schedule: tuple[float, ...] = (0.0,)) -> Store:
+    """The store `db` names: a `postgresql://` (or `postgres://`) URL, else a SQLite
+    file (":memory:" for tests)."""
+    if db.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore  # psycopg is needed only for PostgreSQL
+
+        return PostgresStore(db, synchronous=synchronous, webhook_schedule=webhook_schedule)
+    return SqliteStore(db, synchronous=synchronous, webhook_schedule=webhook_schedule)
 
 
 __all__ = ["ERRORS_SCANNED", "MIGRATIONS", "BatchRow", "Claimed", "EndpointRow", "FileRow",
-           "Outcome", "SqliteStore", "Store",
-           "batch_struct",
-           "error_bytes", "item_id", "new_id", "readable_error", "sanitize_url"]
+           "Outcome", "SqliteStore", "Store", "batch_struct", "error_bytes", "item_id",
+           "new_id", "open_store", "readable_error", "sanitize_url"]

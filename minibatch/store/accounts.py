@@ -19,7 +19,7 @@ class AccountQueries(StoreBase):
                       now: float, *, key_id: str, key_name: str | None = None) -> None:
         """A tenant (if new), one more API key for it, and its first secret (if none)."""
         with self._tx() as cur:
-            cur.execute("INSERT OR IGNORE INTO tenants VALUES (?,?)", (name, now))
+            cur.execute("INSERT INTO tenants VALUES (?,?) ON CONFLICT DO NOTHING", (name, now))
             cur.execute("INSERT INTO api_keys (key_hash, tenant, created_at, id, name)"
                         " VALUES (?,?,?,?,?)", (key_hash, name, now, key_id, key_name))
             if self._one("SELECT 1 FROM secrets WHERE tenant=? AND endpoint IS NULL",
@@ -38,7 +38,7 @@ class AccountQueries(StoreBase):
         committed (`PRAGMA data_version`), so a key revoked anywhere, `minibatch keys
         revoke` included, is refused at the next request, and a quiet server answers
         from memory."""
-        version = self._one("PRAGMA data_version")[0]
+        version = self._data_version()
         if version != self._keys_version:
             self._keys.clear()
             self._keys_version = version
@@ -232,7 +232,9 @@ class AccountQueries(StoreBase):
                          idempotency: tuple[str, bytes, int, Any], created: Any,
                          now: float) -> None:
         key, body_hash, status, build = idempotency
-        cur.execute("INSERT OR REPLACE INTO idempotency VALUES (?,?,?,?,?,?)",
+        cur.execute("INSERT INTO idempotency VALUES (?,?,?,?,?,?) ON CONFLICT (tenant, key)"
+                    " DO UPDATE SET body_hash=excluded.body_hash, status=excluded.status,"
+                    " response=excluded.response, created_at=excluded.created_at",
                     (tenant, key, body_hash, status, build(created), now))
 
     def idempotency_get(self, tenant: str, key: str, since: float) -> tuple | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +128,18 @@ class StoreBase:
             if isinstance(exc, _STORAGE_FAULTS):
                 raise StorageUnavailable(f"database cannot be written: {exc}") from None
             raise
+
+    def _data_version(self) -> int:
+        """A number that changes whenever another connection has committed."""
+        return self._one("PRAGMA data_version")[0]
+
+    def subscribe(self, on_kind: Callable[[str], None]) -> Callable[[], None]:
+        """SQLite sends no notifications: processes on one file find work by polling."""
+        return lambda: None
+
+    def clock(self) -> float:
+        """Now, in seconds since the epoch, by the clock the database's times follow."""
+        return time.time()
 
     def _one(self, sql: str, args: tuple = ()) -> Any:
         for row in self.conn.execute(sql, args):

@@ -25,14 +25,15 @@ from .rows import (
 
 CHUNK = 5000  # items encoded and inserted per executemany while submitting
 QUEUE_RETRY_AFTER_S = 10.0  # the Retry-After of a submit refused for a full queue
-# A batch's seq: past every batch, and past every deleted batch whose rows are still being
-# removed (retention.py), which must never lend its seq to a new batch (SQLite reuses the
-# highest rowid once its row is deleted).
-NEXT_BATCH_SEQ = ("(SELECT max(coalesce((SELECT max(seq) FROM batches), 0),"
-                  " coalesce((SELECT max(batch) FROM doomed), 0)) + 1)")
 
 
 class BatchQueries(StoreBase):
+    # A batch's seq: past every batch, and past every deleted batch whose rows are still
+    # being removed (retention.py), which must never lend its seq to a new batch (SQLite
+    # reuses the highest rowid once its row is deleted). PostgreSQL's is a sequence.
+    _next_batch_seq = ("(SELECT max(coalesce((SELECT max(seq) FROM batches), 0),"
+                       " coalesce((SELECT max(batch) FROM doomed), 0)) + 1)")
+
     def batch_insert(
         self,
         *,
@@ -67,16 +68,16 @@ class BatchQueries(StoreBase):
         if webhook is not None:
             events = encode(webhook.events or list(models.BATCH_EVENTS)).decode()
         with self._tx() as cur:
-            cur.execute(
+            seq = self._all(
                 "INSERT INTO batches (seq, id, tenant, kind, status, total, queued, created_at,"
                 " metadata, max_attempts, item_timeout_s, concurrency, webhook_url,"
                 " webhook_events, expires_at, dialect, dialect_data)"
-                f" VALUES ({NEXT_BATCH_SEQ}, ?,?,?, 'queued', 0, 0, ?,?,?,?,?,?,?,?,?,?)",
+                f" VALUES ({self._next_batch_seq}, ?,?,?, 'queued', 0, 0, ?,?,?,?,?,?,?,?,?,?)"
+                " RETURNING seq",
                 (batch_id, tenant, kind, now, encode(metadata or {}), max_attempts,
                  item_timeout_s, concurrency, webhook.url if webhook else None, events,
                  expires_at, dialect, None if dialect_data is None else encode(dialect_data)),
-            )
-            seq = self.conn.last_insert_rowid()
+            )[0][0]
             if input_file_id is not None:
                 total = self._items_from_file(cur, seq, kind, tenant, input_file_id, now)
             else:
@@ -113,13 +114,12 @@ class BatchQueries(StoreBase):
         """A batch that ends `failed` as it is made, with no items (a dialect's file that
         did not validate), and its end's events, in one transaction."""
         with self._tx() as cur:
-            cur.execute(
+            seq = self._all(
                 "INSERT INTO batches (seq, id, tenant, kind, status, total, queued, created_at,"
                 " metadata, max_attempts, dialect, dialect_data)"
-                f" VALUES ({NEXT_BATCH_SEQ}, ?,?,?, 'queued', 0, 0, ?,?, 1, ?,?)",
-                (new_id("batch"), tenant, kind, now, encode(metadata or {}), dialect,
-                 encode(dialect_data)))
-            seq = self.conn.last_insert_rowid()
+                f" VALUES ({self._next_batch_seq}, ?,?,?, 'queued', 0, 0, ?,?, 1, ?,?)"
+                " RETURNING seq", (new_id("batch"), tenant, kind, now, encode(metadata or {}),
+                                   dialect, encode(dialect_data)))[0][0]
             self._batch_finish_if_done(cur, seq, now)
             row = self._batch_row(seq)
             if idempotency is not None:
@@ -281,7 +281,7 @@ class BatchQueries(StoreBase):
         with self._tx() as cur:
             seqs = [r[0] for r in self._all(
                 "SELECT seq FROM batches WHERE completed_at IS NULL AND expires_at<=?"
-                " AND NOT expiring AND status<>'cancelling'", (now,))]
+                " AND expiring=0 AND status<>'cancelling'", (now,))]
             for seq in seqs:
                 cur.execute("UPDATE batches SET expiring=1 WHERE seq=?", (seq,))
                 self._expire_queued(cur, seq, now)
@@ -298,10 +298,11 @@ class BatchQueries(StoreBase):
     def batches_fail_unknown_kinds(self, kinds: Iterable[str], now: float) -> list[str]:
         """Fail the queued items of open batches whose kind has no handler here."""
         known = list(kinds)
+        unknown = f" AND kind NOT IN ({','.join('?' * len(known))})" if known else ""
         with self._tx() as cur:
             rows: list[Any] = cur.execute(
-                "SELECT seq, id, kind FROM batches WHERE completed_at IS NULL"
-                f" AND kind NOT IN ({','.join('?' * len(known))})", known).fetchall()
+                f"SELECT seq, id, kind FROM batches WHERE completed_at IS NULL{unknown}",
+                known).fetchall()
             for seq, _, kind in rows:
                 err = error_bytes("unknown_kind", f"no handler for kind {kind!r} on this instance")
                 cur.execute("UPDATE items SET status='failed', error=? WHERE batch=?"

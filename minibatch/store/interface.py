@@ -10,7 +10,7 @@ is written inside it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from .. import models
@@ -206,6 +206,15 @@ class Store(Protocol):
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Items and deliveries by status, all tenants (for /metrics)."""
+        ...
+
+    def subscribe(self, on_kind: Callable[[str], None]) -> Callable[[], None]:
+        """Call `on_kind(kind)` (in a thread of the store's) whenever any process submits
+        items of `kind`; returns what stops it."""
+        ...
+
+    def clock(self) -> float:
+        """Now, by the database's clock (PostgreSQL's; this machine's for SQLite)."""
         ...
 
     def another(self) -> Store | None: ...

@@ -207,7 +207,7 @@ class ItemQueries(StoreBase):
         """Add the items each batch ended in this second to its throughput picture."""
         cur.executemany(
             "INSERT INTO batch_ticks VALUES (?,?,?)"
-            " ON CONFLICT (batch, second) DO UPDATE SET n = n + excluded.n",
+            " ON CONFLICT (batch, second) DO UPDATE SET n = batch_ticks.n + excluded.n",
             [(b, second, d["succeeded"] + d["failed"]) for b, d in deltas.items()
              if d["succeeded"] or d["failed"]])
 
@@ -250,12 +250,13 @@ class ItemQueries(StoreBase):
         `except_owner`: an owner whose leases are never taken, expired or not: the
         calling process itself, which knows its items are still running.
         """
+        spared, args = ("", (now,)) if except_owner is None else (
+            " AND i.lease_owner IS NOT ?", (now, except_owner))
         with self._tx() as cur:
             rows: list[Any] = cur.execute(
                 "SELECT i.seq, i.batch, i.attempts, b.max_attempts FROM items i"
                 " JOIN batches b ON b.seq = i.batch"
-                " WHERE i.status='running' AND i.lease_until < ?1"
-                " AND (?2 IS NULL OR i.lease_owner IS NOT ?2)", (now, except_owner)).fetchall()
+                f" WHERE i.status='running' AND i.lease_until < ?{spared}", args).fetchall()
             deltas: dict[int, Counter] = {}
             lost = error_bytes("lease_expired", "the worker running this item stopped"
                                " (its lease expired)")

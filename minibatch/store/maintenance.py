@@ -34,13 +34,32 @@ class MaintenanceQueries(StoreBase):
         """Every problem found, as one line each (none: an empty list): SQLite's integrity
         check, and each batch's counters against its items, in one read transaction."""
         try:
-            problems = [f"integrity: {row[0]}" for row in self.conn.execute(
-                "PRAGMA integrity_check") if row[0] != "ok"]
+            problems = self._integrity_problems()
             with self.conn:  # one snapshot for the counters and the rows they count
                 problems += self._counter_problems() + self._delivery_count_problems()
-        except apsw.Error as exc:
+        except (apsw.Error, StorageUnavailable) as exc:
             problems = [f"the database cannot be read: {exc}"]
         return problems
+
+    def _integrity_problems(self) -> list[str]:
+        return [f"integrity: {row[0]}" for row in self.conn.execute("PRAGMA integrity_check")
+                if row[0] != "ok"]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Totals for /metrics: items by status, deliveries by status (all tenants)."""
+        # The batch counters add up to the items by status, and are far fewer rows to read.
+        sums = self._one("SELECT coalesce(sum(queued), 0), coalesce(sum(running), 0),"
+                         " coalesce(sum(succeeded), 0), coalesce(sum(failed), 0),"
+                         " coalesce(sum(cancelled), 0), coalesce(sum(expired), 0)"
+                         " FROM batches")
+        items = dict(zip(("queued", "running", "succeeded", "failed", "cancelled", "expired"),
+                         map(int, sums), strict=True))
+        deliveries: dict[str, int] = {}
+        for status, n in self.conn.execute("SELECT status, n FROM delivery_counts"):
+            if n:
+                public = "pending" if status == "sending" else status  # as PUBLIC_STATUS
+                deliveries[public] = deliveries.get(public, 0) + int(n)
+        return {"items": items, "deliveries": deliveries}
 
     def _delivery_count_problems(self) -> list[str]:
         kept = {s: n for s, n in self.conn.execute("SELECT status, n FROM delivery_counts")

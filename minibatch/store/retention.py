@@ -50,7 +50,7 @@ class RetentionQueries(StoreBase):
             cur.execute("DELETE FROM files WHERE batch=?", (seq,))
             cur.execute("DELETE FROM batches WHERE seq=?", (seq,))
             cur.execute("DELETE FROM batch_ticks WHERE batch=?", (seq,))  # a row a second
-            cur.execute("INSERT OR IGNORE INTO doomed VALUES (?)", (seq,))
+            cur.execute("INSERT INTO doomed VALUES (?) ON CONFLICT DO NOTHING", (seq,))
 
     def file_delete(self, file_id: str, tenant: str) -> None:
         """Delete a finished file: gone at once, its lines removed by `doomed_prune`
@@ -59,7 +59,7 @@ class RetentionQueries(StoreBase):
         with self._tx() as cur:
             cur.execute("DELETE FROM file_parts WHERE file=?", (file_id,))
             cur.execute("DELETE FROM files WHERE id=?", (file_id,))
-            cur.execute("INSERT OR IGNORE INTO doomed_files VALUES (?)", (file_id,))
+            cur.execute("INSERT INTO doomed_files VALUES (?) ON CONFLICT DO NOTHING", (file_id,))
 
     def doomed_prune(self, chunk: int) -> int:
         """Remove up to `chunk` rows of deleted batches (items first, then attempts and

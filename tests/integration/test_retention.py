@@ -16,7 +16,7 @@ import pytest
 import minibatch
 from minibatch.auth import create_tenant_key
 from minibatch.retention import Pruner
-from minibatch.store import SqliteStore
+from minibatch.store import Store, open_store
 from tests.conftest import ServerThread
 from tests.receiver import Receiver
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.anyio
 DAY = 86400.0
 
 
-def rows_of(store: SqliteStore, batch_seq: int) -> tuple[int, int, int]:
+def rows_of(store: Store, batch_seq: int) -> tuple[int, int, int]:
     one = store._one
     return (one("SELECT count(*) FROM items WHERE batch=?", (batch_seq,))[0],
             one("SELECT count(*) FROM deliveries WHERE batch=?", (batch_seq,))[0],
@@ -98,7 +98,7 @@ def test_delete_file_over_http_and_its_lines_go_in_chunks(tmp_path):
 
 
 def test_doomed_rows_go_a_chunk_per_transaction(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = store.batch_insert(tenant="t", kind="k", now=0.0, max_attempts=3,
                              items=[{"input": i} for i in range(25)])
     store.conn.execute("UPDATE batches SET status='completed', completed_at=1 WHERE seq=?",
@@ -235,7 +235,7 @@ def test_a_new_batch_never_takes_the_seq_of_a_deleted_batch_whose_rows_remain(db
     """SQLite hands out the highest deleted rowid again: a batch submitted while the
     newest one's rows are still being removed must neither collide with them nor lose
     its own items to the pruner."""
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     old = store.batch_insert(tenant="t", kind="k", now=0.0, max_attempts=1,
                              items=[{"input": i} for i in range(50)])
     store.conn.execute("UPDATE batches SET status='completed', completed_at=1")

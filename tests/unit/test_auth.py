@@ -11,11 +11,12 @@ from starlette.requests import Request
 
 from minibatch.auth import Authenticator, Idempotency, create_tenant_key, hash_key
 from minibatch.errors import Conflict, InvalidInput, NotFound, Unauthorized
-from minibatch.store import SqliteStore
+from minibatch.store import open_store
 
 
+@pytest.mark.sqlite_only
 def test_keys_are_stored_only_as_a_hash(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     out = create_tenant_key(store, "acme")
     rows = store.conn.execute("SELECT key_hash, tenant FROM api_keys").fetchall()
     assert rows == [(hash_key(out["api_key"]), "acme")]
@@ -27,7 +28,7 @@ def test_keys_are_stored_only_as_a_hash(db_path):
 
 
 def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     idem = Idempotency(store)
     body_hash, other_hash = hashlib.sha256(b"body").digest(), hashlib.sha256(b"other").digest()
     assert idem.stored("t", "k", body_hash) is None
@@ -35,7 +36,7 @@ def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
         store._idempotency_put(cur, "t", ("k", body_hash, 201, lambda _: b"first"), None, 1e12)
     store.close()
 
-    reopened = Idempotency(SqliteStore(db_path))
+    reopened = Idempotency(open_store(db_path))
     replay = reopened.stored("t", "k", body_hash)
     assert replay[1:] == (201, b"first")
     with pytest.raises(InvalidInput):
@@ -51,7 +52,7 @@ def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
 
 
 def test_tenant_names_are_1_to_200_characters(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     assert create_tenant_key(store, "t" * 200)["tenant"] == "t" * 200
     for bad in ("", "t" * 201):
         with pytest.raises(InvalidInput):
@@ -59,7 +60,7 @@ def test_tenant_names_are_1_to_200_characters(db_path):
 
 
 def test_a_key_returns_the_tenants_primary_secret_even_after_a_rotation(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     first = create_tenant_key(store, "acme")
     assert first["webhook_secret"].startswith("whsec_")
     assert first["api_key"].startswith("mb_") and len(first["api_key"]) == 3 + 43
@@ -68,7 +69,7 @@ def test_a_key_returns_the_tenants_primary_secret_even_after_a_rotation(db_path)
 
 
 def test_idempotency_keys_are_1_to_255_characters(db_path):
-    idem = Idempotency(SqliteStore(db_path))
+    idem = Idempotency(open_store(db_path))
     idem.begin("t", "k" * 255)
     for bad in ("", "k" * 256):
         with pytest.raises(InvalidInput):
@@ -76,7 +77,7 @@ def test_idempotency_keys_are_1_to_255_characters(db_path):
 
 
 def test_a_key_replays_for_24_hours_and_not_after(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     idem = Idempotency(store)
     digest = hashlib.sha256(b"body").digest()
     now = time.time()
@@ -94,7 +95,7 @@ def request_with(*headers: tuple[str, str]) -> Request:
 
 
 def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refused(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     auth = Authenticator(store, time.time)
     a, b = create_tenant_key(store, "a")["api_key"], create_tenant_key(store, "b")["api_key"]
     assert auth.tenant(request_with(("authorization", f"Bearer {a}"))) == "a"
@@ -114,7 +115,7 @@ def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refus
 
 
 def test_a_key_revoked_through_another_connection_is_refused_at_the_next_lookup(db_path):
-    server, cli_side = SqliteStore(db_path), SqliteStore(db_path)
+    server, cli_side = open_store(db_path), open_store(db_path)
     out = create_tenant_key(server, "acme", "deploy")
     digest = hash_key(out["api_key"])
     assert server.tenant_by_key(digest, 1000.0) == "acme"  # now cached
@@ -130,7 +131,7 @@ def test_a_key_revoked_through_another_connection_is_refused_at_the_next_lookup(
 
 
 def test_last_used_at_is_written_at_most_once_a_minute(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     out = create_tenant_key(store, "acme")
     digest = hash_key(out["api_key"])
 

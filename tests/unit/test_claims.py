@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from minibatch.store import Outcome, SqliteStore
+import pytest
+
+from minibatch.store import Outcome, Store, open_store
 
 T0 = 1_000_000.0
 
 
-def submit(store: SqliteStore, n: int, *, kind: str = "k", tenant: str = "a", **kw) -> int:
+def submit(store: Store, n: int, *, kind: str = "k", tenant: str = "a", **kw) -> int:
     row = store.batch_insert(tenant=tenant, kind=kind, items=[{"input": i} for i in range(n)],
                              now=T0, max_attempts=3, **kw)
     return row.seq
@@ -21,7 +23,7 @@ def per_batch(claimed) -> Counter:
     return Counter(c.batch_seq for c in claimed)
 
 
-def finish(store: SqliteStore, claimed, owner: str = "o", *, status: str = "succeeded",
+def finish(store: Store, claimed, owner: str = "o", *, status: str = "succeeded",
            run_at: float = 0.0) -> None:
     store.items_finish([Outcome(c.seq, c.batch_seq, c.token, status, b"1", None, run_at)
                         for c in claimed], owner, T0)
@@ -29,7 +31,7 @@ def finish(store: SqliteStore, claimed, owner: str = "o", *, status: str = "succ
 
 def test_a_one_item_batch_is_in_the_first_claim_after_a_3000_item_batch(db_path):
     """The issue: tenant b's one item waited behind tenant a's 3,000 of the same kind."""
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     big = submit(store, 3000, tenant="a")
     small = submit(store, 1, tenant="b")
     claimed = store.items_claim("k", 100, "o", T0, lease_s=30)
@@ -39,7 +41,7 @@ def test_a_one_item_batch_is_in_the_first_claim_after_a_3000_item_batch(db_path)
 def test_250_batches_are_all_served_within_3_claims_of_100(db_path):
     """With more batches than a claim holds, the next claim starts where this one ended
     (oldest first, the old claim served the first 150 batches' items and no others)."""
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     seqs = [submit(store, 2) for _ in range(250)]
     served = [per_batch(store.items_claim("k", 100, "o", T0, lease_s=30)) for _ in range(3)]
     assert all(sum(c.values()) == 100 and max(c.values()) == 1 for c in served)
@@ -47,7 +49,7 @@ def test_250_batches_are_all_served_within_3_claims_of_100(db_path):
 
 
 def test_batches_take_turns_when_there_are_more_batches_than_the_claim_size(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     seqs = [submit(store, 100) for _ in range(3)]
     served: Counter = Counter()
     for claim in range(6):
@@ -59,7 +61,7 @@ def test_batches_take_turns_when_there_are_more_batches_than_the_claim_size(db_p
 
 
 def test_a_batch_with_few_due_items_leaves_its_share_to_the_others(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     big, few, other = submit(store, 3000), submit(store, 5), submit(store, 3000)
     claimed = store.items_claim("k", 100, "o", T0, lease_s=30)
     assert per_batch(claimed) == {big: 48, few: 5, other: 47}
@@ -68,7 +70,7 @@ def test_a_batch_with_few_due_items_leaves_its_share_to_the_others(db_path):
 
 
 def test_a_capped_batch_gets_no_more_than_its_free_slots(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     capped = submit(store, 10, concurrency=2)
     free = submit(store, 10)
     first = store.items_claim("k", 100, "o", T0, lease_s=30)
@@ -79,7 +81,7 @@ def test_a_capped_batch_gets_no_more_than_its_free_slots(db_path):
 
 
 def test_a_batch_whose_items_are_not_due_takes_no_share(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     waiting = submit(store, 1)
     [retry] = store.items_claim("k", 1, "o", T0, lease_s=30)
     finish(store, [retry], status="queued", run_at=T0 + 60)  # a retry, due in a minute
@@ -89,14 +91,15 @@ def test_a_batch_whose_items_are_not_due_takes_no_share(db_path):
 
 
 def test_other_kinds_are_not_claimed(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     submit(store, 3, kind="other")
     mine = submit(store, 3)
     assert per_batch(store.items_claim("k", 100, "o", T0, lease_s=30)) == {mine: 3}
 
 
+@pytest.mark.sqlite_only
 def test_a_fair_claim_is_one_transaction_with_one_lease_token(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     for _ in range(5):
         submit(store, 50)
     statements = []

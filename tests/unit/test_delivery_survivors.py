@@ -37,7 +37,7 @@ from minibatch.delivery import (
 )
 from minibatch.errors import StorageUnavailable
 from minibatch.models import WebhookIn
-from minibatch.store import Outcome, SqliteStore
+from minibatch.store import Outcome, Store, open_store
 from tests.receiver import Receiver
 
 pytestmark = pytest.mark.anyio
@@ -100,7 +100,7 @@ class Gated(Receiver):
         super().__exit__(*exc)
 
 
-def due_deliveries(store: SqliteStore, n: int, url: str, now: float = T0) -> int:
+def due_deliveries(store: Store, n: int, url: str, now: float = T0) -> int:
     """n deliveries due now (one `item.succeeded` event per item); the batch's seq."""
     row = store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(n)],
                              now=now, max_attempts=1,
@@ -111,7 +111,7 @@ def due_deliveries(store: SqliteStore, n: int, url: str, now: float = T0) -> int
     return row.seq
 
 
-def calls_of(store: SqliteStore, name: str, fail_first: Exception | None = None
+def calls_of(store: Store, name: str, fail_first: Exception | None = None
              ) -> list[float]:
     """Record the monotonic time of every call of a store method (which raises
     `fail_first` on its first call, if given); the calls go through to the real one."""
@@ -128,7 +128,7 @@ def calls_of(store: SqliteStore, name: str, fail_first: Exception | None = None
 
 
 @contextlib.asynccontextmanager
-async def sending(store: SqliteStore, clock: list[float], **options):
+async def sending(store: Store, clock: list[float], **options):
     """A Deliverer whose sends can run, and no loop: the test drives it a pass at a time.
     Its session is the one `run` makes."""
     options.setdefault("allow_private_webhooks", True)
@@ -164,7 +164,7 @@ async def loop_of(run: Callable):
         tg.cancel_scope.cancel()
 
 
-def deliveries(store: SqliteStore, batch_seq: int):
+def deliveries(store: Store, batch_seq: int):
     return store.deliveries_page(batch_seq, limit=100, after=None)[0]
 
 
@@ -287,7 +287,7 @@ async def test_read_capped_asks_only_for_what_is_left_when_the_body_comes_in_par
 async def test_a_body_of_exactly_the_read_limit_is_read_whole_and_no_further(db_path):
     """64 KiB are read: the attempt waits for a 64 KiB body's last byte, and does not
     wait for the byte after it."""
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated([("split", LIMIT - 1, LIMIT), ("split", LIMIT, LIMIT + 1)]) as rx:
         async with sending(store, clock, webhook_timeout_s=10) as d:
             got: dict = {}
@@ -315,7 +315,7 @@ async def test_a_body_of_exactly_the_read_limit_is_read_whole_and_no_further(db_
 @pytest.mark.parametrize(("status", "failure"), [
     (201, None), (299, None), (300, "http_status"), (302, "http_status")])
 async def test_2xx_alone_is_success(db_path, status, failure):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated([status]) as rx:
         async with sending(store, clock) as d:
             got = await d.post(rx.url, "msg_1", b"{}", [])
@@ -325,7 +325,7 @@ async def test_2xx_alone_is_success(db_path, status, failure):
 
 async def test_a_client_error_is_a_connection_error_capped_at_500_chars_and_not_logged(
         db_path, caplog):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated() as rx:
         async with sending(store, clock) as d:
             long_url = await d.post("http://h:99999/" + "x" * 600, "msg_1", b"{}", [])
@@ -349,7 +349,7 @@ def raising_session(exc: Exception) -> aiohttp.ClientSession:
 
 
 async def test_an_unexpected_error_is_that_attempts_failure_capped_and_logged(db_path, caplog):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     async with sending(store, clock) as d:
         await d.session.close()
         d.session = raising_session(RuntimeError("y" * 600))
@@ -369,7 +369,7 @@ async def test_an_unexpected_error_is_that_attempts_failure_capped_and_logged(db
 
 async def test_slots_claims_never_exceed_the_free_slots_and_a_full_deliverer_asks_nothing(
         db_path):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated(default=("gate",)) as rx:
         due_deliveries(store, 8, rx.url)
         claims = calls_of(store, "deliveries_claim")
@@ -391,7 +391,7 @@ async def test_slots_claims_never_exceed_the_free_slots_and_a_full_deliverer_ask
 
 
 async def test_the_claimer_takes_a_freed_slot_at_once_not_at_its_next_poll(db_path):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated(default=("gate",)) as rx:
         due_deliveries(store, 3, rx.url)
         async with (sending(store, clock, webhook_concurrency=2, poll_interval_s=120) as d,
@@ -404,7 +404,7 @@ async def test_the_claimer_takes_a_freed_slot_at_once_not_at_its_next_poll(db_pa
 
 
 async def test_a_claimed_delivery_is_due_again_5_s_after_its_timeout(db_path):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated() as rx:
         due_deliveries(store, 1, rx.url)
         async with sending(store, clock, webhook_timeout_s=10) as d:
@@ -416,7 +416,7 @@ async def test_a_claimed_delivery_is_due_again_5_s_after_its_timeout(db_path):
 
 
 async def test_an_attempts_time_is_measured_and_a_success_schedules_nothing(db_path):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated([("hang", 0.3)]) as rx:
         due_deliveries(store, 1, rx.url)
         async with sending(store, clock) as d:
@@ -432,7 +432,7 @@ async def test_an_attempts_time_is_measured_and_a_success_schedules_nothing(db_p
 
 
 async def test_after_close_nothing_is_claimed_or_sent(db_path):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated() as rx:
         async with sending(store, clock) as d:
             await d.close()
@@ -452,7 +452,7 @@ def errors_logged(caplog) -> list[logging.LogRecord]:
 
 
 async def test_the_claimer_waits_out_storage_unavailable_quietly_and_goes_on(db_path, caplog):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated() as rx:
         due_deliveries(store, 1, rx.url)
         claims = calls_of(store, "deliveries_claim", StorageUnavailable("disk I/O error"))
@@ -465,7 +465,7 @@ async def test_the_claimer_waits_out_storage_unavailable_quietly_and_goes_on(db_
 
 
 async def test_the_claimer_logs_an_unexpected_error_and_goes_on(db_path, caplog):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated() as rx:
         due_deliveries(store, 1, rx.url)
         calls_of(store, "deliveries_claim", RuntimeError("claim failed once"))
@@ -478,7 +478,7 @@ async def test_the_claimer_logs_an_unexpected_error_and_goes_on(db_path, caplog)
 
 
 async def test_an_idle_claimer_polls_every_half_poll_interval(db_path):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     claims = calls_of(store, "deliveries_claim")
     async with sending(store, clock, poll_interval_s=0.2) as d, loop_of(d.claimer):
         await until(lambda: len(claims) >= 4)
@@ -490,7 +490,7 @@ async def test_an_idle_claimer_polls_every_half_poll_interval(db_path):
 @pytest.mark.parametrize(("error", "pause"), [
     (StorageUnavailable("disk I/O error"), 1.0), (RuntimeError("record failed once"), 0.5)])
 async def test_the_recorder_keeps_attempts_through_a_failed_write(db_path, caplog, error, pause):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     with Gated() as rx:
         batch_seq = due_deliveries(store, 1, rx.url)
         writes = calls_of(store, "deliveries_record", error)
@@ -511,7 +511,7 @@ async def test_the_recorder_keeps_attempts_through_a_failed_write(db_path, caplo
 
 
 async def test_run_stores_the_body_as_received_not_decompressed(db_path):
-    store, clock = SqliteStore(db_path), [T0]
+    store, clock = open_store(db_path), [T0]
     raw = b'{"error": "' + b"x" * 5000 + b'"}'
     with Gated([("gzip", 500, raw)]) as rx:
         batch_seq = due_deliveries(store, 1, rx.url)
@@ -524,6 +524,7 @@ async def test_run_stores_the_body_as_received_not_decompressed(db_path):
             tg.cancel_scope.cancel()
     [attempt] = deliveries(store, batch_seq)[0].attempts
     assert attempt.status_code == 500
-    assert attempt.response_body == gzip.compress(raw, mtime=0)[:1024].decode("utf-8", "replace")
+    assert attempt.response_body == gzip.compress(raw, mtime=0)[:1024].decode(
+        "utf-8", "replace").replace("\x00", "\ufffd")
     assert "xxxx" not in attempt.response_body
     store.close()

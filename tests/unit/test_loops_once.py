@@ -20,7 +20,7 @@ from minibatch.delivery import next_delay, retry_after_s
 from minibatch.handlers import Registry, backoff
 from minibatch.metrics import Histogram
 from minibatch.runner import KindPool, Runner
-from minibatch.store import Outcome, SqliteStore
+from minibatch.store import Outcome, Store, open_store
 from tests.receiver import Receiver
 
 pytestmark = pytest.mark.anyio
@@ -48,10 +48,10 @@ def seconds_after(dt, t: float) -> float:
 
 
 def two_runners(db_path: str, clock: list[float], max_attempts: int = 3
-                ) -> tuple[SqliteStore, Runner, Runner, KindPool, KindPool, str]:
+                ) -> tuple[Store, Runner, Runner, KindPool, KindPool, str]:
     """Two runners (two owners, as two processes would be) over one database, reading
     the test's clock, and a batch of one item of kind `k`."""
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     registry = Registry()
     handler = registry.register("k", lambda item: item.input, concurrency=4, timeout=None,
                                 max_attempts=None)
@@ -218,7 +218,7 @@ async def test_webhook_attempts_follow_the_schedule_and_retry_after_from_the_inj
 
 
 def test_a_delivery_left_sending_by_a_dead_process_is_due_again_after_its_lease(db_path):
-    store = SqliteStore(db_path, webhook_schedule=(0.0, 5.0))
+    store = open_store(db_path, webhook_schedule=(0.0, 5.0))
     batch = store.batch_insert(tenant="t", kind="k", items=[{"input": 1}], now=T0,
                                max_attempts=1, webhook=minibatch.models.WebhookIn(
                                    "http://hooks.example/x"))
@@ -289,7 +289,7 @@ async def test_a_claimed_item_that_waited_past_its_batchs_expiry_or_cancel_never
     """The claimer takes a group ahead of the workers; an item still waiting in the deque
     when its batch expires, or is cancelled, ends so without its handler being called."""
     clock = [T0]
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     registry = Registry()
     calls: list[int] = []
     handler = registry.register("k", lambda item: calls.append(item.input), concurrency=1,

@@ -13,13 +13,13 @@ import pytest
 import minibatch
 from minibatch.auth import create_tenant_key
 from minibatch.models import WebhookIn
-from minibatch.store import SqliteStore
+from minibatch.store import Store, open_store
 
 T0 = 1_000_000.0
 POISON = b"1e400"  # valid JSON, but a number msgspec refuses to decode (out of range)
 
 
-def poison(store: SqliteStore, batch_id: str, entry_id: str, column: str = "input") -> None:
+def poison(store: Store, batch_id: str, entry_id: str, column: str = "input") -> None:
     """Write an undecodable value straight into a stored item, past all validation."""
     store.conn.execute(
         f"UPDATE items SET {column}=? WHERE entry_id=? AND batch=(SELECT seq FROM batches"
@@ -71,7 +71,7 @@ async def test_an_undecodable_stored_input_fails_its_item_and_the_batch_ends(mb)
 
 
 def test_an_undecodable_metadata_fails_the_item_with_an_item_failed_event(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = store.batch_insert(
         tenant="t", kind="k", now=T0, max_attempts=3,
         items=[{"input": 1, "entry_id": "bad", "metadata": {"m": 1}}, {"input": 2}],
@@ -88,8 +88,9 @@ def test_an_undecodable_metadata_fails_the_item_with_an_item_failed_event(db_pat
     assert delivery.event == "item.failed" and '"bad_input"' in delivery.payload_bytes
 
 
+@pytest.mark.sqlite_only
 def test_an_item_whose_every_stored_column_is_unreadable_still_shows(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = store.batch_insert(tenant="t", kind="k", now=T0, max_attempts=3,
                              items=[{"input": 1, "entry_id": "x"}])
     store.conn.execute("UPDATE items SET input=?, output=?, error=?, metadata=?",
@@ -203,7 +204,7 @@ async def test_a_stall_past_the_lease_does_not_start_a_second_run_of_a_live_item
 
 
 def test_rescue_skips_the_excepted_owners_expired_leases_only(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(3)], now=T0,
                        max_attempts=3)
     store.items_claim("k", 1, "me", T0, lease_s=30)

@@ -26,7 +26,7 @@ from minibatch.errors import StorageUnavailable
 from minibatch.handlers import Registry, cancelled_outcome
 from minibatch.metrics import Histogram
 from minibatch.runner import KindPool, Runner, _pid_alive
-from minibatch.store import Outcome, SqliteStore
+from minibatch.store import Outcome, Store, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -48,10 +48,10 @@ async def yield_many(n: int = 50) -> None:
 
 def build(db_path: str, clock: list[float], *, items: int = 1, concurrency: int = 4,
           fn: Callable | None = None, latency: Histogram | None = None, **settings
-          ) -> tuple[SqliteStore, Runner, KindPool, str]:
+          ) -> tuple[Store, Runner, KindPool, str]:
     """A runner over a real store, reading the test's clock, with kind `k` (registered,
     its pool in `runner.pools`) and a batch of `items` items of it (if any)."""
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     registry = Registry()
     handler = registry.register("k", fn or (lambda item: item.input), concurrency=concurrency,
                                 timeout=None, max_attempts=None)
@@ -66,7 +66,7 @@ def build(db_path: str, clock: list[float], *, items: int = 1, concurrency: int 
     return store, runner, pool, row.id
 
 
-def statuses(store: SqliteStore) -> dict[int, tuple[str, int]]:
+def statuses(store: Store) -> dict[int, tuple[str, int]]:
     """Item seq -> (status, attempts)."""
     return {seq: (status, attempts) for seq, status, attempts in store.conn.execute(
         "SELECT seq, status, attempts FROM items")}
@@ -737,6 +737,7 @@ async def test_the_expirer_passes_every_little_while_and_outlives_a_failing_pass
     store.close()
 
 
+@pytest.mark.sqlite_only
 async def test_the_checkpointer_turns_automatic_checkpoints_off_while_it_runs(
         db_path, monkeypatch):
     clock = [T0]
@@ -765,7 +766,7 @@ async def test_a_cancel_made_elsewhere_reaches_items_waiting_in_the_deque(db_pat
     clock = [T0]
     store, runner, pool, batch_id = build(db_path, clock, items=2)
     assert runner.claim_once(pool) == 2 and not runner.running
-    elsewhere = SqliteStore(db_path)
+    elsewhere = open_store(db_path)
     elsewhere.batch_cancel(batch_id, None, clock[0])
     elsewhere.close()
     runner.cancel_once()

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import apsw
+import pytest
 
-from minibatch.store import MIGRATIONS, Outcome, SqliteStore
+from minibatch.store import MIGRATIONS, Outcome, Store, open_store
 
 T0 = 1_000_000.0
 
 
-def make_batch(store: SqliteStore, n: int = 3, max_attempts: int = 2, **kw) -> str:
+def make_batch(store: Store, n: int = 3, max_attempts: int = 2, **kw) -> str:
     row = store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(n)],
                              now=T0, max_attempts=max_attempts, **kw)
     return row.id
 
 
 def test_completion_from_a_lost_lease_is_discarded(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     batch_id = make_batch(store, n=1)
     [first] = store.items_claim("k", 10, "owner-a", T0, lease_s=30)
     assert store.items_rescue(T0 + 31) == 1  # lease lapsed: back to the queue
@@ -33,7 +34,7 @@ def test_completion_from_a_lost_lease_is_discarded(db_path):
 
 
 def test_rescue_counts_the_attempt_and_fails_past_max_attempts(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     batch_id = make_batch(store, n=1, max_attempts=2)
     for attempt in (1, 2):
         [claimed] = store.items_claim("k", 10, "o", T0 + attempt * 100, lease_s=30)
@@ -46,7 +47,7 @@ def test_rescue_counts_the_attempt_and_fails_past_max_attempts(db_path):
 
 
 def test_heartbeat_keeps_a_long_attempt_from_being_rescued(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     make_batch(store, n=2)
     store.items_claim("k", 10, "o", T0, lease_s=30)
     store.leases_extend("o", T0 + 60)
@@ -55,7 +56,7 @@ def test_heartbeat_keeps_a_long_attempt_from_being_rescued(db_path):
 
 
 def test_claim_respects_run_at_and_the_limit(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     make_batch(store, n=5)
     assert store.items_claim("k", 2, "o", T0 - 1, lease_s=30) == []  # not due yet
     assert len(store.items_claim("k", 2, "o", T0, lease_s=30)) == 2
@@ -63,8 +64,9 @@ def test_claim_respects_run_at_and_the_limit(db_path):
     assert len(store.items_claim("k", 10, "o", T0, lease_s=30)) == 3
 
 
+@pytest.mark.sqlite_only
 def test_submit_is_one_transaction_with_a_few_executemany_calls(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     statements = []
     store.conn.exec_trace = lambda cursor, sql, bindings: statements.append(sql) or True
     make_batch(store, n=20_000)
@@ -77,21 +79,22 @@ def test_fresh_and_upgraded_databases_have_the_same_schema(tmp_path):
     old = apsw.Connection(str(tmp_path / "old.db"))
     old.execute(MIGRATIONS[0] + "PRAGMA user_version=1;")
     old.close()
-    upgraded = SqliteStore(str(tmp_path / "old.db"))
-    fresh = SqliteStore(str(tmp_path / "fresh.db"))
+    upgraded = open_store(str(tmp_path / "old.db"))
+    fresh = open_store(str(tmp_path / "fresh.db"))
     assert upgraded.schema_version() == fresh.schema_version() == len(MIGRATIONS)
     assert upgraded.schema_sql() == fresh.schema_sql()
-    SqliteStore(str(tmp_path / "fresh.db"))  # opening again applies nothing and fails nothing
+    open_store(str(tmp_path / "fresh.db"))  # opening again applies nothing and fails nothing
 
 
+@pytest.mark.sqlite_only
 def test_database_is_in_wal_mode(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     assert store._one("PRAGMA journal_mode")[0] == "wal"
 
 
 def test_synchronous_setting_reaches_sqlite(tmp_path):
-    assert SqliteStore(str(tmp_path / "n.db"))._one("PRAGMA synchronous")[0] == 1  # NORMAL
-    full = SqliteStore(str(tmp_path / "f.db"), synchronous="full")
+    assert open_store(str(tmp_path / "n.db"))._one("PRAGMA synchronous")[0] == 1  # NORMAL
+    full = open_store(str(tmp_path / "f.db"), synchronous="full")
     assert full._one("PRAGMA synchronous")[0] == 2
 
 
@@ -99,7 +102,7 @@ def test_an_item_failed_by_lease_expiry_sends_its_item_failed_event(db_path):
     """Found by bench/chaos.py: only items_finish emitted item events, not the rescuer."""
     from minibatch.models import WebhookIn
 
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     batch_id = make_batch(store, n=1, max_attempts=1, webhook=WebhookIn(
         url="https://hooks.example/x", events=["item.failed", "batch.failed"]))
     store.items_claim("k", 10, "o", T0, lease_s=30)
@@ -113,7 +116,7 @@ def test_a_handed_back_attempt_cannot_complete_the_next_claim_of_the_same_owner(
     """Found by the property test: after items_release the item is claimed again with the
     same attempt number (and here the same owner), so only a per-claim token tells the
     two claims apart."""
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     batch_id = make_batch(store, n=1, max_attempts=1)
     [first] = store.items_claim("k", 1, "w1", T0, lease_s=10)
     store.items_release("w1", T0 + 1)
@@ -148,7 +151,7 @@ def test_manual_retry_keeps_automatic_attempts_and_refuses_one_in_flight(db_path
     from minibatch.errors import Conflict
     from minibatch.models import WebhookIn
 
-    store = SqliteStore(db_path, webhook_schedule=(0.0, 60.0, 60.0))
+    store = open_store(db_path, webhook_schedule=(0.0, 60.0, 60.0))
     batch_id = make_batch(store, n=1, webhook=WebhookIn(url="https://hooks.example/x"))
     [c] = store.items_claim("k", 1, "o", T0, lease_s=30)
     store.items_finish([Outcome(c.seq, c.batch_seq, c.token, "succeeded", b"1", None, 0.0)],

@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 
 from minibatch import models
 from minibatch.errors import Conflict
-from minibatch.store import Outcome, SqliteStore, error_bytes
+from minibatch.store import Outcome, error_bytes, open_store
 
 T0 = 1_000_000.0
 SLOTS = ("w1", "w2")
@@ -67,7 +67,7 @@ class StoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="minibatch-props-")
         self.path = f"{self.dir}/jobs.db"
-        self.store = SqliteStore(self.path)
+        self.store = open_store(self.path)
         self.now = T0
         self.live: dict[int, Claim] = {}  # item seq -> its live claim (the item is running)
         self.cancel_requested: set[str] = set()  # batch ids
@@ -248,7 +248,7 @@ class StoreMachine(RuleBasedStateMachine):
         """The process dies and a new one opens the same file with a new Store: the old
         leases stay until they lapse or are expired."""
         self.store.close()
-        self.store = SqliteStore(self.path)
+        self.store = open_store(self.path)
 
     @precondition(lambda self: "gone" in self.batch_kind.values())
     @rule()

@@ -6,18 +6,18 @@ from __future__ import annotations
 import pytest
 
 from minibatch.delivery import AttemptRecord
-from minibatch.store import Outcome, SqliteStore, error_bytes
+from minibatch.store import Outcome, Store, error_bytes, open_store
 from minibatch.store import views as views_module
 
 T0 = 1_000_000.0
 
 
-def submit(store: SqliteStore, n: int, **kw):
+def submit(store: Store, n: int, **kw):
     return store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(n)],
                               now=T0, max_attempts=1, **kw)
 
 
-def end(store: SqliteStore, count: int, now: float, errors: list[str] | None = None) -> None:
+def end(store: Store, count: int, now: float, errors: list[str] | None = None) -> None:
     """Claim `count` items and end them at `now`: failed with `errors[i]` where given."""
     claimed = store.items_claim("k", count, "o", now, lease_s=30)
     assert len(claimed) == count
@@ -32,7 +32,7 @@ def end(store: SqliteStore, count: int, now: float, errors: list[str] | None = N
 
 
 def test_errors_are_grouped_by_code_and_message_most_frequent_first(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = submit(store, 7)
     end(store, 7, T0, ["b", "a", "b", "c", "b", "a", None])
     assert store.items_error_groups(row.seq, 10) == [("boom", "b", 3), ("boom", "a", 2),
@@ -44,14 +44,14 @@ def test_errors_are_grouped_by_code_and_message_most_frequent_first(db_path):
 
 def test_error_groups_read_only_the_first_failures(db_path, monkeypatch):
     monkeypatch.setattr(views_module, "ERRORS_SCANNED", 4)
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = submit(store, 6)
     end(store, 6, T0, ["x", "x", "x", "y", "y", "y"])
     assert store.items_error_groups(row.seq, 10) == [("boom", "x", 3), ("boom", "y", 1)]
 
 
 def test_throughput_counts_items_ended_per_second(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = submit(store, 10)
     assert store.batch_throughput(row.seq, 60) == (0, 1, [])
     end(store, 3, T0 + 0.2)
@@ -61,7 +61,7 @@ def test_throughput_counts_items_ended_per_second(db_path):
 
 
 def test_throughput_buckets_a_long_life_into_at_most_the_bars_asked(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = submit(store, 7)
     for second in (0, 1, 2, 3, 4, 5, 9):
         end(store, 1, T0 + second)
@@ -71,7 +71,7 @@ def test_throughput_buckets_a_long_life_into_at_most_the_bars_asked(db_path):
 
 
 def test_a_deleted_batch_takes_its_throughput_with_it(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = submit(store, 2)
     end(store, 2, T0)
     store.batch_delete(row.id, "t", T0 + 1)
@@ -79,7 +79,7 @@ def test_a_deleted_batch_takes_its_throughput_with_it(db_path):
 
 
 def test_a_rescued_item_that_runs_out_of_attempts_counts_as_ended(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     row = submit(store, 1)
     store.items_claim("k", 1, "o", T0, lease_s=30)
     assert store.items_rescue(T0 + 31) == 1
@@ -87,7 +87,7 @@ def test_a_rescued_item_that_runs_out_of_attempts_counts_as_ended(db_path):
     assert store.batch_throughput(row.seq, 60) == (int(T0 + 31), 1, [1])
 
 
-def _endpoint_delivery(store: SqliteStore, endpoint_id: str, outcome: int | None,
+def _endpoint_delivery(store: Store, endpoint_id: str, outcome: int | None,
                        now: float, retry_at: float | None = None) -> None:
     """One batch.completed delivery to the endpoint, attempted once: `outcome` is the
     status code (None: a connection error), `retry_at` when the next attempt is due."""
@@ -105,7 +105,7 @@ def _endpoint_delivery(store: SqliteStore, endpoint_id: str, outcome: int | None
 
 @pytest.fixture
 def endpoint(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     made = store.endpoint_create("t", "hooks", "https://hooks.example/x", ["batch.completed"],
                                  "secret_1", "whsec_x", T0)
     return store, made.id
@@ -138,7 +138,7 @@ def test_endpoint_health_looks_at_the_most_recent_window_only(endpoint, monkeypa
 
 
 def test_sessions_expire_and_sign_in_clears_the_expired(db_path):
-    store = SqliteStore(db_path)
+    store = open_store(db_path)
     store.session_create(b"a", b"key-a", "csrf-a", T0, T0 + 10)
     assert store.session_get(b"a", T0 + 9.9) == (b"key-a", "csrf-a")
     assert store.session_get(b"a", T0 + 10) is None

@@ -1,0 +1,329 @@
+"""`PostgresStore`: the same queries as `SqliteStore`, on PostgreSQL through psycopg 3.
+
+The query files (batches, items, deliveries, ...) are shared: they are written in the
+SQL both databases read, with `?` placeholders. `PgConnection` gives them the small part
+of apsw's connection they use (`execute`, `cursor`, `executemany` with RETURNING,
+`changes`), translating each statement once: `?` and `?N` become psycopg placeholders,
+`IS [NOT] ?` becomes `IS [NOT] DISTINCT FROM`, SQLite's `INDEXED BY` hint is dropped
+(PostgreSQL's planner reads the literal status itself). What differs in substance lives
+here: the schema's migrations under an advisory lock, the transaction, the key cache,
+the clock, JSON reads, checks and backups.
+
+Every write transaction first takes one advisory lock (`WRITE_LOCK`), so writes are
+serialized across every process and machine exactly as SQLite serializes them: the
+counters, caps and terminal transitions the query files compute inside a transaction
+stay exact however many processes share the database. Reads take no lock.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+
+from ..errors import InvalidInput, StorageUnavailable
+from . import views
+from .accounts import AccountQueries
+from .batches import BatchQueries
+from .deliveries import DeliveryQueries
+from .endpoints import EndpointQueries
+from .items import ItemQueries
+from .maintenance import MaintenanceQueries
+from .pg_schema import PG_MIGRATIONS
+from .retention import RetentionQueries
+from .views import ViewQueries
+
+WRITE_LOCK = 0x6D62_7772  # "mbwr": the advisory lock every write transaction holds
+MIGRATE_LOCK = 0x6D62_6D67  # "mbmg": held while migrations run
+CHANNEL = "minibatch_work"  # NOTIFY's payload: the kind of a batch just submitted
+LISTEN_POLL_S = 0.5  # how often the listening thread looks at its stop flag
+CLOCK_REFRESH_S = 60.0  # how often the offset to the database's clock is measured again
+_NUMBERED = re.compile(r"\?(\d+)")
+_IS = re.compile(r"\bIS(\s+NOT)?\s+(\?\d*)")
+_INDEXED_BY = re.compile(r"\s+INDEXED BY \w+")
+
+
+def is_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+@lru_cache(maxsize=2048)
+def translate(sql: str) -> tuple[str, bool]:
+    """A statement of the query files in psycopg's placeholders; and whether it numbers
+    its parameters (`?1`), which then go by name (`%(p1)s`)."""
+    sql = _INDEXED_BY.sub("", sql).replace("%", "%%")
+    sql = _IS.sub(lambda m: f"IS {'' if m.group(1) else 'NOT '}DISTINCT FROM {m.group(2)}",
+                  sql)
+    numbered = bool(_NUMBERED.search(sql))
+    if numbered:
+        return _NUMBERED.sub(r"%(p\1)s", sql), True
+    return sql.replace("?", "%s"), False
+
+
+def _param(value: Any) -> Any:
+    """A value as the schema holds it: booleans are integers (as in SQLite), and a text
+    cannot hold NUL in PostgreSQL (a webhook response body may), so it becomes U+FFFD."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _params(args: Sequence[Any], numbered: bool) -> Any:
+    values = [_param(v) for v in args]
+    return {f"p{i}": v for i, v in enumerate(values, start=1)} if numbered else values
+
+
+class PgCursor:
+    """What the query files use of an apsw cursor: execute, executemany, the rows."""
+
+    def __init__(self, conn: PgConnection) -> None:
+        self.conn = conn
+        self.rows: list[Any] = []
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> PgCursor:
+        text, numbered = translate(sql)
+        with self.conn.lock, self.conn.raw.cursor() as cur:
+            cur.execute(text, _params(args, numbered))
+            self.rows = cur.fetchall() if cur.description else []
+            self.conn.last_changes = max(cur.rowcount, 0)
+        return self
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> PgCursor:
+        text, numbered = translate(sql)
+        params = [_params(args, numbered) for args in seq]
+        self.rows = []
+        if not params:
+            return self
+        with self.conn.lock, self.conn.raw.cursor() as cur:
+            returning = " RETURNING " in text.upper()
+            cur.executemany(text, params, returning=returning)
+            if returning:
+                while True:
+                    self.rows += cur.fetchall()
+                    if not cur.nextset():
+                        break
+                self.conn.last_changes = len(self.rows)
+            else:
+                self.conn.last_changes = max(cur.rowcount, 0)
+        return self
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+
+class PgConnection:
+    """A psycopg connection (autocommit: each read its own statement) behind the part of
+    apsw's connection API the query files call. `lock` is held through each statement
+    and each whole transaction, so a thread that reads while another thread's transaction
+    is open waits for it, as apsw's connection makes it wait."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            self.raw = psycopg.connect(url, autocommit=True)
+        except psycopg.Error as exc:
+            raise StorageUnavailable(f"cannot connect to {redact(url)}: {exc}") from None
+        self.last_changes = 0
+        self.lock = threading.RLock()
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> PgCursor:
+        return PgCursor(self).execute(sql, args)
+
+    def cursor(self) -> PgCursor:
+        return PgCursor(self)
+
+    def changes(self) -> int:
+        return self.last_changes
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    def __enter__(self) -> PgConnection:
+        """`with conn:` as in apsw: one transaction (here with one snapshot)."""
+        self.lock.acquire()
+        self.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        try:
+            self.raw.execute("ROLLBACK" if kind else "COMMIT")
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+class PostgresBase:
+    """The PostgreSQL side of StoreBase and what differs in substance from SQLite. Comes
+    first in PostgresStore's bases, so its methods replace the SQLite ones."""
+
+    conn: Any
+    _next_batch_seq = "nextval('batch_seq')"
+
+    def __init__(self, url: str, *, synchronous: str = "normal",
+                 webhook_schedule: tuple[float, ...] = (0.0,)) -> None:
+        self.path = url
+        self._synchronous, self._webhook_schedule = synchronous, webhook_schedule
+        self._keys: dict[bytes, list[Any]] = {}
+        self._keys_version: int | None = None
+        self._reads = 0  # stands in for SQLite's data_version: every read looks again
+        self.webhook_attempts = len(webhook_schedule)
+        self.webhook_first_delay = webhook_schedule[0]
+        self.conn = PgConnection(url)
+        self._clock_offset, self._clock_at = 0.0, -CLOCK_REFRESH_S
+        self.migrate()
+
+    # -- the connection ----------
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def another(self) -> Any:
+        return type(self)(self.path, synchronous=self._synchronous,
+                          webhook_schedule=self._webhook_schedule)
+
+    def wait_for_lock(self, wait: bool) -> None:
+        """Writers queue on the advisory lock; a wait there is short and never a 503."""
+
+    def autocheckpoint(self, on: bool) -> None:
+        """PostgreSQL checkpoints on its own."""
+
+    def checkpoint(self) -> None:
+        """PostgreSQL checkpoints on its own."""
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:  # a PgCursor, in the place of the apsw cursor
+        """One write transaction, holding WRITE_LOCK until it ends."""
+        raw = self.conn.raw
+        try:
+            with self.conn.lock, raw.transaction():
+                cur = self.conn.cursor()
+                cur.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+                yield cur
+        except psycopg.OperationalError as exc:
+            raise StorageUnavailable(f"database cannot be written: {exc}") from None
+
+    def _one(self, sql: str, args: tuple = ()) -> Any:
+        rows = self.conn.execute(sql, args).rows
+        return rows[0] if rows else None
+
+    def _all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        return self.conn.execute(sql, tuple(args)).rows
+
+    # -- the schema ----------
+
+    def schema_version(self) -> int:
+        row = self._one("SELECT max(version) FROM minibatch_schema")
+        return (row[0] if row else None) or 0
+
+    def migrate(self) -> None:
+        """Apply each numbered migration not yet applied, once however many processes
+        start together: they queue on MIGRATE_LOCK and find the work done."""
+        raw = self.conn.raw
+        with raw.transaction():
+            raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+            raw.execute("CREATE TABLE IF NOT EXISTS minibatch_schema"
+                        " (version bigint PRIMARY KEY, applied_at timestamptz NOT NULL"
+                        " DEFAULT now())")
+            version = self.schema_version()
+            for number, script in enumerate(PG_MIGRATIONS[version:], start=version + 1):
+                raw.execute(script)
+                raw.execute("INSERT INTO minibatch_schema (version) VALUES (%s)", (number,))
+
+    def schema_sql(self) -> list[str]:
+        return [f"{r[0]} {r[1]}" for r in self.conn.execute(
+            "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            " ORDER BY 1, 2")]
+
+    # -- what differs from SQLite ----------
+
+    def _data_version(self) -> int:
+        """A key's tenant is read again at every request: there is no cheap way to learn
+        that another process revoked it."""
+        self._reads += 1
+        return self._reads
+
+    def items_error_groups(self, batch_seq: int, limit: int) -> list[tuple[str, str, int]]:
+        return self._all(
+            "SELECT e ->> 'code', e ->> 'message', count(*) FROM"
+            " (SELECT convert_from(error, 'UTF8')::jsonb AS e FROM items WHERE batch=? AND"
+            "  status='failed' ORDER BY idx LIMIT ?) AS failures GROUP BY 1, 2"
+            " ORDER BY 3 DESC, 2 LIMIT ?", (batch_seq, views.ERRORS_SCANNED, limit))
+
+    def _integrity_problems(self) -> list[str]:
+        return []  # PostgreSQL checks its pages itself (data checksums, amcheck)
+
+    def backup_to(self, dest: str) -> int:
+        raise InvalidInput("minibatch backup copies SQLite files; back up PostgreSQL with"
+                           " pg_dump or your provider's snapshots", [])
+
+    def batch_insert(self, **spec: Any) -> Any:
+        """Insert as SQLite does, then tell every listening process the kind has work."""
+        row = BatchQueries.batch_insert(self, **spec)  # type: ignore[arg-type]
+        self.conn.execute("SELECT pg_notify(?, ?)", (CHANNEL, spec["kind"]))
+        return row
+
+    def subscribe(self, on_kind: Callable[[str], None]) -> Callable[[], None]:
+        """A thread on a connection of its own that LISTENs on CHANNEL; on a lost
+        connection it connects again (polling covers the gap)."""
+        stopped = threading.Event()
+
+        def listen() -> None:
+            while not stopped.is_set():
+                try:
+                    with psycopg.connect(self.path, autocommit=True) as conn:
+                        conn.execute(f"LISTEN {CHANNEL}")
+                        while not stopped.is_set():
+                            for note in conn.notifies(timeout=LISTEN_POLL_S):
+                                on_kind(note.payload)
+                except psycopg.Error:
+                    stopped.wait(LISTEN_POLL_S)
+
+        thread = threading.Thread(target=listen, name="minibatch-listen", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            stopped.set()
+            thread.join(LISTEN_POLL_S * 4)
+
+        return stop
+
+    def clock(self) -> float:
+        """The database's time: this process's clock plus the offset to the server's,
+        measured again every CLOCK_REFRESH_S, so leases and schedules agree across
+        machines whose clocks do not."""
+        local = time.time()
+        if time.monotonic() - self._clock_at >= CLOCK_REFRESH_S:
+            before = time.time()
+            server = self._one("SELECT extract(epoch FROM clock_timestamp())")[0]
+            after = time.time()
+            self._clock_offset = float(server) - (before + after) / 2
+            self._clock_at = time.monotonic()
+            local = after
+        return local + self._clock_offset
+
+
+class PostgresStore(PostgresBase, BatchQueries, ItemQueries, DeliveryQueries, AccountQueries,
+                    EndpointQueries, MaintenanceQueries, RetentionQueries, ViewQueries):
+    """Every batch, item, delivery and key in one PostgreSQL database, shared by any
+    number of processes on any number of machines."""
