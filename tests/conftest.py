@@ -23,6 +23,7 @@ POSTGRES = os.environ.get("MINIBATCH_TEST_STORE", "sqlite") == "postgres"
 _databases = itertools.count(1)
 _server: dict[str, str] = {}  # the admin URL, once the session has a server
 _made: list[str] = []  # the databases this session made
+_by_path: dict[str, str] = {}  # a test's database path -> its PostgreSQL database
 
 
 def pytest_configure(config) -> None:
@@ -74,10 +75,13 @@ def _admin_url() -> str:
 
 
 def database(path: Path | str) -> str:
-    """The database a test keeps at `path`: that SQLite file, or under PostgreSQL a fresh
-    database of its own (the path only names it)."""
+    """The database a test keeps at `path`: that SQLite file, or under PostgreSQL a
+    database of its own, made the first time the path is named (a process that starts
+    again on the same path finds what the first one left)."""
     if not POSTGRES or "://" in str(path):
         return str(path)
+    if str(path) in _by_path:
+        return _by_path[str(path)]
     import psycopg
 
     admin = _admin_url()
@@ -85,7 +89,8 @@ def database(path: Path | str) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     _made.append(name)
-    return admin.rsplit("/", 1)[0] + "/" + name
+    url = _by_path[str(path)] = admin.rsplit("/", 1)[0] + "/" + name
+    return url
 
 
 @pytest.fixture

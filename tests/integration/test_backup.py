@@ -7,10 +7,12 @@ import time
 
 import apsw
 import httpx
+import pytest
 
 from tests.serve import Served, cli
 
 
+@pytest.mark.sqlite_only
 def test_a_backup_taken_while_a_batch_runs_restores_and_passes_check(tmp_path):
     served = Served(tmp_path)
     auth = {"Authorization": f"Bearer {served.key['api_key']}"}
@@ -47,6 +49,7 @@ def test_a_backup_taken_while_a_batch_runs_restores_and_passes_check(tmp_path):
         assert restored.stop() == 0
 
 
+@pytest.mark.sqlite_only
 def test_check_names_counters_that_do_not_match_the_items_and_exits_1(tmp_path):
     served = Served(tmp_path)
     with httpx.Client(base_url=served.url, timeout=30, headers={

@@ -136,6 +136,7 @@ async def test_retention_deletes_batches_that_ended_before_the_window_only(db_pa
     mb.close()
 
 
+@pytest.mark.sqlite_only
 async def test_the_file_stops_growing_under_steady_churn(db_path):
     """Submit, run and delete a 2,000-item batch, 30 times: freed pages are reused, so
     the file after round 30 is no bigger than after round 5 (plus a little)."""

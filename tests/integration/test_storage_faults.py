@@ -13,6 +13,7 @@ import time
 
 import apsw
 import httpx
+import pytest
 
 from tests.serve import Served
 
@@ -24,6 +25,7 @@ def small_disk() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, resource.RLIM_INFINITY))
 
 
+@pytest.mark.sqlite_only
 def test_full_disk_gives_503_then_recovers_without_a_restart(tmp_path):
     srv = Served(tmp_path, preexec_fn=small_disk)
     client = httpx.Client(base_url=srv.url, headers={"x-api-key": srv.key["api_key"]},
