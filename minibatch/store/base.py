@@ -109,9 +109,13 @@ class StoreBase:
         except _STORAGE_FAULTS as exc:
             raise StorageUnavailable(f"checkpoint failed: {exc}") from None
 
+    _skip_locked = ""  # PostgreSQL's claims skip items another transaction holds
+
     @contextmanager
-    def _tx(self) -> Iterator[apsw.Cursor]:
-        """One write transaction; storage faults become StorageUnavailable (503)."""
+    def _tx(self, scope: str | None = None) -> Iterator[apsw.Cursor]:
+        """One write transaction; storage faults become StorageUnavailable (503).
+        `scope` names what the transaction must have to itself when writers can run side
+        by side (PostgreSQL's claims of one kind); SQLite has one writer at a time."""
         cur = self.conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")

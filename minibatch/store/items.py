@@ -55,7 +55,7 @@ class ItemQueries(StoreBase):
         batch's free slots are left queued. An item whose stored input or metadata cannot
         be decoded is not handed out: it ends `failed` (`bad_input`) in the same transaction.
         """
-        with self._tx() as cur:
+        with self._tx(scope=f"claim:{kind}") as cur:
             batches = self._batches_due(cur, kind, now, limit)
             if not batches:
                 return []
@@ -67,9 +67,9 @@ class ItemQueries(StoreBase):
             rows = cur.execute(
                 "UPDATE items SET status='running', attempts=attempts+1, lease_until=?,"
                 f" lease_owner=?, lease_token=? WHERE seq IN ({','.join('?' * len(chosen))})"
-                " RETURNING seq, batch, idx, entry_id, input, metadata, attempts",
-                (now + lease_s, owner, token, *chosen)).fetchall()
-            self._batches_claimed(cur, kind, shares, now)
+                " AND status='queued' RETURNING seq, batch, idx, entry_id, input, metadata,"
+                " attempts", (now + lease_s, owner, token, *chosen)).fetchall()
+            self._batches_claimed(cur, kind, list(shares), Counter(r[1] for r in rows), now)
             claimed, unreadable = _claims_of(rows, batches, now, token)
             if unreadable:
                 self._fail_unreadable(cur, unreadable, now)
@@ -88,8 +88,7 @@ class ItemQueries(StoreBase):
             " AND run_at<=?) ORDER BY claim_turn NULLS FIRST, seq LIMIT ?",
             (kind, now, limit))]
 
-    @staticmethod
-    def _shares(cur: apsw.Cursor, batches: list[DueBatch], limit: int,
+    def _shares(self, cur: apsw.Cursor, batches: list[DueBatch], limit: int,
                 now: float) -> dict[int, list[int]]:
         """Up to `limit` due item seqs, oldest first within a batch, shared between
         `batches` in their order: batch seq -> its item seqs, for the batches served.
@@ -113,7 +112,8 @@ class ItemQueries(StoreBase):
                 want = min(share, room[b] - len(taken[b]), left)
                 got = [r[0] for r in cur.execute(
                     "SELECT seq FROM items WHERE batch=? AND status='queued' AND run_at<=?"
-                    " ORDER BY run_at, seq LIMIT ? OFFSET ?", (b, now, want, len(taken[b])))]
+                    f" ORDER BY run_at, seq LIMIT ? OFFSET ?{self._skip_locked}",
+                    (b, now, want, len(taken[b])))]
                 taken[b] += got
                 left -= len(got)
                 if len(got) == want and len(taken[b]) < room[b]:
@@ -121,19 +121,20 @@ class ItemQueries(StoreBase):
             in_play = next_round
         return {b: seqs for b, seqs in taken.items() if seqs}
 
-    def _batches_claimed(self, cur: apsw.Cursor, kind: str, shares: dict[int, list[int]],
-                         now: float) -> None:
+    def _batches_claimed(self, cur: apsw.Cursor, kind: str, served: list[int],
+                         claimed: Counter, now: float) -> None:
         """Move the claimed items from queued to running in their batches' counters, and
         give each batch served its turn: after every open batch of the kind, in the order
-        they were served, so the next claim starts with the batches this one left out."""
+        they were served, so the next claim starts with the batches this one left out.
+        Rows are written in seq order, the order every transaction locks batches in."""
         last = self._one("SELECT coalesce(max(claim_turn), 0) FROM batches"
                          " WHERE kind=? AND completed_at IS NULL", (kind,))[0]
+        turns = {b: last + turn for turn, b in enumerate(served, start=1)}
         cur.executemany(
             "UPDATE batches SET queued=queued-?1, running=running+?1,"
             " status=CASE status WHEN 'queued' THEN 'running' ELSE status END,"
             " started_at=coalesce(started_at, ?2), claim_turn=?3 WHERE seq=?4",
-            [(len(seqs), now, last + turn, b)
-             for turn, (b, seqs) in enumerate(shares.items(), start=1)])
+            [(claimed[b], now, turns[b], b) for b in sorted(served)])
 
     def _fail_unreadable(self, cur: apsw.Cursor, unreadable: list[tuple[int, int, str]],
                          now: float) -> None:
@@ -214,7 +215,7 @@ class ItemQueries(StoreBase):
     def _apply_deltas(self, cur: apsw.Cursor, deltas: dict[int, Counter], now: float) -> None:
         """Move finished items from running into their new counters, then settle batches."""
         self._count_ticks(cur, deltas, int(now))
-        for b, d in deltas.items():
+        for b, d in sorted(deltas.items()):  # batches locked in seq order, as claims do
             cur.execute(
                 "UPDATE batches SET running=running-?, queued=queued+?, succeeded=succeeded+?,"
                 " failed=failed+?, cancelled=cancelled+?, expired=expired+? WHERE seq=?",

@@ -9,14 +9,20 @@ of apsw's connection they use (`execute`, `cursor`, `executemany` with RETURNING
 here: the schema's migrations under an advisory lock, the transaction, the key cache,
 the clock, JSON reads, checks and backups.
 
-Every write transaction first takes one advisory lock (`WRITE_LOCK`), so writes are
-serialized across every process and machine exactly as SQLite serializes them: the
-counters, caps and terminal transitions the query files compute inside a transaction
-stay exact however many processes share the database. Reads take no lock.
+Every write transaction but a claim first takes one advisory lock (`WRITE_LOCK`), so
+those writes are serialized across every process and machine as SQLite serializes them:
+the counters, caps and terminal transitions the query files compute inside a transaction
+stay exact however many processes share the database. A claim runs beside them, under a
+lock of its kind only (claims of one kind are one at a time, so a batch's cap is read and
+spent by one claim at a time): it locks the batches it serves (FOR UPDATE, in seq order,
+as every transaction that writes several batches does), takes due items with FOR UPDATE
+SKIP LOCKED, and moves only items still queued, so a cancel or an expiry committed
+meanwhile wins. Reads take no lock.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -33,7 +39,7 @@ from .accounts import AccountQueries
 from .batches import BatchQueries
 from .deliveries import DeliveryQueries
 from .endpoints import EndpointQueries
-from .items import ItemQueries
+from .items import DueBatch, ItemQueries
 from .maintenance import MaintenanceQueries
 from .pg_schema import PG_MIGRATIONS
 from .retention import RetentionQueries
@@ -168,6 +174,11 @@ class PgConnection:
         self.raw.close()
 
 
+def scope_lock(scope: str) -> int:
+    """The advisory lock (a signed 64-bit key) of a transaction's scope."""
+    return int.from_bytes(hashlib.sha256(scope.encode()).digest()[:8], "big", signed=True)
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
@@ -179,6 +190,7 @@ class PostgresBase:
 
     conn: Any
     _next_batch_seq = "nextval('batch_seq')"
+    _skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, *, synchronous: str = "normal",
                  webhook_schedule: tuple[float, ...] = (0.0,)) -> None:
@@ -212,13 +224,15 @@ class PostgresBase:
         """PostgreSQL checkpoints on its own."""
 
     @contextmanager
-    def _tx(self) -> Iterator[Any]:  # a PgCursor, in the place of the apsw cursor
-        """One write transaction, holding WRITE_LOCK until it ends."""
+    def _tx(self, scope: str | None = None) -> Iterator[Any]:  # a PgCursor, as apsw's
+        """One write transaction, holding WRITE_LOCK until it ends; or, for a `scope`
+        (the claims of one kind), that scope's own lock, beside the writers."""
+        lock = WRITE_LOCK if scope is None else scope_lock(scope)
         raw = self.conn.raw
         try:
             with self.conn.lock, raw.transaction():
                 cur = self.conn.cursor()
-                cur.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+                cur.execute("SELECT pg_advisory_xact_lock(?)", (lock,))
                 yield cur
         except psycopg.OperationalError as exc:
             raise StorageUnavailable(f"database cannot be written: {exc}") from None
@@ -276,6 +290,20 @@ class PostgresBase:
     def backup_to(self, dest: str) -> int:
         raise InvalidInput("minibatch backup copies SQLite files; back up PostgreSQL with"
                            " pg_dump or your provider's snapshots", [])
+
+    def _batches_due(self, cur: Any, kind: str, now: float, limit: int) -> list[DueBatch]:
+        """SQLite's choice of batches, then locked in seq order (the order every
+        transaction locks batches in, so none waits on another in a cycle) and their
+        `running` read again under the lock, which a batch's cap is checked against."""
+        due = ItemQueries._batches_due(self, cur, kind, now, limit)  # type: ignore[arg-type]
+        if not due:
+            return due
+        locked = dict(cur.execute(
+            f"SELECT seq, running FROM batches WHERE seq IN ({','.join('?' * len(due))})"
+            " AND completed_at IS NULL ORDER BY seq FOR UPDATE",
+            [b.seq for b in due]).rows)
+        return [b._replace(running=locked[b.seq]) for b in due if b.seq in locked and (
+            b.concurrency is None or locked[b.seq] < b.concurrency)]
 
     def batch_insert(self, **spec: Any) -> Any:
         """Insert as SQLite does, then tell every listening process the kind has work."""
