@@ -40,6 +40,8 @@ HANDLERS = textwrap.dedent("""
         seconds = item.input.get("seconds", 0.02)
         if item.input.get("block_first") and item.attempt == 1:
             seconds = 600
+        while item.input.get("hold") and not (MARKS.parent / "release").exists():
+            await anyio.sleep(0.02)  # held until the test lets the items go
         await anyio.sleep(seconds)
         mark.unlink()
         return {"pid": os.getpid(), "attempt": item.attempt, "in_flight": in_flight}
@@ -65,6 +67,7 @@ class Cluster:
         self.db = database(tmp_path / "shared")
         env = {"MARKS": str(self.marks), "MINIBATCH_LEASE_S": str(lease_s),
                "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+        self.env = env
         self.nodes = []
         for n in range(3):
             (tmp_path / f"node{n}").mkdir()
@@ -162,6 +165,39 @@ def test_kill_9_of_one_process_loses_and_doubles_nothing(tmp_path):
     # What the victim held (2 running, 2 claimed, at most) ran again elsewhere, once.
     assert 1 <= len(again) <= 4 and {r["attempts"] for r in results} <= {1, 2}
     assert all(r["output"]["attempt"] == 2 and r["output"]["pid"] != victim for r in again)
+
+
+def test_a_kill_9_loop_across_the_three_loses_and_doubles_nothing(tmp_path):
+    """Three times, kill -9 a process that is running items and start it again on the
+    same database, while the items are held (so the work outlasts the kills whatever the
+    machine's speed); then let them go: every item ends with exactly one result, and the
+    items the killed processes held ran again once their lease (2 s) lapsed."""
+    nodes = Cluster(tmp_path, lease_s=2.0)
+    kills = 0
+    try:
+        batch_id = nodes.submit([{"input": {"hold": True}} for _ in range(200)])
+        while kills < 3:
+            running = {int(m.name.split("-")[0]) for m in nodes.marks.iterdir()}
+            victim = next((n for n in nodes.nodes if n.proc.pid in running), None)
+            if victim is None:
+                time.sleep(0.02)
+                continue
+            victim.kill()
+            kills += 1
+            spare = next(n for n in nodes.nodes if n.proc.poll() is None)
+            nodes.http.base_url = spare.url
+            index = nodes.nodes.index(victim)
+            nodes.nodes[index] = Served(tmp_path / f"node{index}", "--handlers",
+                                        "pid_handlers", env=nodes.env, db=nodes.db)
+        (tmp_path / "release").touch()
+        batch = nodes.wait(batch_id, timeout=180)
+        results = nodes.results(batch_id)
+    finally:
+        nodes.close()
+    assert batch["status"] == "completed" and batch["metrics"]["succeeded"] == 200
+    assert len(results) == 200 and len({r["id"] for r in results}) == 200
+    assert all(r["output"]["attempt"] == r["attempts"] for r in results)
+    assert sum(r["attempts"] > 1 for r in results) >= kills  # one at least per kill
 
 
 def test_migrations_raced_by_three_processes_run_once(tmp_path):
