@@ -33,8 +33,9 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import psycopg  # noqa: E402
+from workers import call  # noqa: E402  (bench/workers.py)
 
 from tests import postgres  # noqa: E402
 from tests.receiver import free_port  # noqa: E402
@@ -76,14 +77,6 @@ def fresh(admin: str, name: str) -> str:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {name}")
     return admin.rsplit("/", 1)[0] + "/" + name
-
-
-def call(method: str, url: str, key: str, body: bytes | None = None,
-         ctype: str = "application/json") -> dict:
-    req = urllib.request.Request(url, data=body, method=method, headers={
-        "authorization": f"Bearer {key}", "content-type": ctype})
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        return json.loads(resp.read())
 
 
 def minibatch_rate(url: str, processes: int, workload: str, n: int, tmp: str) -> float:
