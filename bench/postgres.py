@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def main() -> None:
         cluster = None
         admin = args.url
         if admin is None:
-            cluster = os.path.join(tmp, "cluster")
+            cluster = tempfile.mkdtemp(prefix="minibatch-pg-")  # the postgres user reaches it
             admin = postgres.start(cluster)
         script = os.path.join(tmp, "peer.py")
         with open(script, "w") as f:
@@ -192,6 +193,7 @@ def main() -> None:
         finally:
             if cluster is not None:
                 postgres.stop(cluster)
+                shutil.rmtree(cluster, ignore_errors=True)
 
 
 if __name__ == "__main__":

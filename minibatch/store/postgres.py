@@ -327,14 +327,8 @@ class PostgresBase:
                 except psycopg.Error:
                     stopped.wait(LISTEN_POLL_S)
 
-        thread = threading.Thread(target=listen, name="minibatch-listen", daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            stopped.set()
-            thread.join(LISTEN_POLL_S * 4)
-
-        return stop
+        threading.Thread(target=listen, name="minibatch-listen", daemon=True).start()
+        return stopped.set  # the thread ends by itself within LISTEN_POLL_S
 
     def clock(self) -> float:
         """The database's time: this process's clock plus the offset to the server's,
