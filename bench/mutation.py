@@ -88,7 +88,10 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/integration/test_webhook_endpoints.py",
     ]),
     "store": ("minibatch/store", [
+        "tests/unit/test_store_pg_translation.py",  # postgres.py's pure parts: instant
+        "tests/unit/test_store_maintenance.py",  # backup, check, deletion, pruning: fast
         "tests/unit/test_store_survivors.py",  # pinned where a partial run found survivors
+        "tests/unit/test_store_views.py",  # the dashboard's reads (views.py)
         "tests/unit/test_store.py",
         "tests/unit/test_claims.py",
         "tests/unit/test_auth.py",
