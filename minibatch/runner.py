@@ -478,8 +478,18 @@ class Runner:
                 await self._pause_after_error(loop)
 
     def expire_once(self) -> int:
-        """End the items not started of batches past their `expires_at` (`expired`)."""
-        return len(self.store.batches_expire(self.now()))
+        """End the items not started of batches past their `expires_at` (`expired`): those
+        queued in the store, and those this process claimed that still wait in a deque,
+        whose workers may be busy for long yet (as a cancel reaches them)."""
+        now = self.now()
+        expired = len(self.store.batches_expire(now))
+        for pool in self.pools.values():
+            for claimed in [c for c in pool.ready
+                            if c.expires_at is not None and now >= c.expires_at]:
+                pool.ready.remove(claimed)
+                self.running[claimed.seq, claimed.token] = (claimed.batch_seq, None)
+                self._finish(pool, claimed, expired_outcome(claimed))
+        return expired
 
     async def checkpointer(self) -> None:
         """Checkpoint the WAL in a worker thread, so no COMMIT on the loop does it:
