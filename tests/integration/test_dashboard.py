@@ -320,6 +320,11 @@ def test_items_are_paged_and_filtered_by_status(server, api, tenant, browsers):
     indexes = re.findall(r'data-test="item" data-item-id="[^"]+" data-status="succeeded">\s*'
                          r'<td>(\d+)</td>', second)
     assert indexes[0] == "50" and len(indexes) == 50
+    mixed = submit(api, "fails", [{"message": "no"}])
+    ended(api, mixed["id"])
+    failed = client.get(f"/ui/batches/{mixed['id']}", params={"items": "failed"}).text
+    assert re.findall(r'data-test="item" data-item-id="[^"]+" data-status="(\w+)"',
+                      failed) == ["failed"]  # the filter finds the failure it has
     none_failed = client.get(f"/ui/batches/{ok['id']}", params={"items": "failed"}).text
     assert 'data-test="item"' not in none_failed and "No items failed" in none_failed
     bad = client.get(f"/ui/batches/{ok['id']}", params={"items": "bogus"})
