@@ -14,8 +14,10 @@ from collections.abc import Callable
 from starlette.requests import Request
 
 from .errors import Conflict, IdempotencyMismatch, InvalidInput, TooManyRequests, Unauthorized
+from .readcache import ReadCache
 from .signing import new_secret
 from .store import Store, new_id
+from .store.accounts import KEY_TOUCH_S
 
 KEY_PREFIX = "mb_"
 IDEMPOTENCY_WINDOW_S = 24 * 3600.0
@@ -67,17 +69,22 @@ class RateLimit:
 
 class Authenticator:
     """Finds the tenant of a request from `Authorization: Bearer` or `x-api-key`, and
-    holds each key to `rate_limit` requests a second (429 beyond)."""
+    holds each key to `rate_limit` requests a second (429 beyond).
+
+    A key's tenant is kept in the request's ReadCache, which this refreshes at every
+    lookup, so a key revoked anywhere is refused at its next request; the store is
+    asked again when the key's `last_used_at` is KEY_TOUCH_S old, and writes it."""
 
     def __init__(self, store: Store, now: Callable[[], float],
-                 rate_limit: float | None = None) -> None:
+                 rate_limit: float | None = None, reads: ReadCache | None = None) -> None:
         self.store = store
         self.now = now
         self.limit = RateLimit(rate_limit) if rate_limit else None
+        self.reads = reads if reads is not None else ReadCache(store)
 
     def tenant(self, request: Request) -> str:
-        key = request.headers.get("x-api-key")
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        key, authorization = _credentials(request.scope["headers"])
+        scheme, _, value = authorization.partition(" ")
         bearer = value.strip() if scheme.lower() == "bearer" else None
         if key is not None and bearer is not None and key != bearer:
             raise Unauthorized("Authorization and x-api-key name different keys")
@@ -85,13 +92,36 @@ class Authenticator:
         if not key:
             raise Unauthorized("missing API key: send Authorization: Bearer <key> or x-api-key")
         digest = hash_key(key)
-        tenant = self.store.tenant_by_key(digest, self.now())
+        tenant = self.tenant_of(digest)
         if tenant is None:
             raise Unauthorized("unknown or revoked API key")
         if self.limit is not None and (wait := self.limit.wait(digest, time.monotonic())):
             raise TooManyRequests(f"over {self.limit.rate:g} requests a second for this key"
                                   " (rate_limit)", wait)
         return tenant
+
+    def tenant_of(self, digest: bytes) -> str | None:
+        """The tenant of the key with this digest, or None if it is unknown or revoked."""
+        self.reads.refresh()
+        now = self.now()
+        known = self.reads.get(("key", digest))  # (tenant or None, last_used_at)
+        if known is None or now - known[1] >= KEY_TOUCH_S:
+            known = self.store.tenant_by_key(digest, now) or (None, now)
+            self.reads.put(("key", digest), known)
+        return known[0]
+
+
+def _credentials(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
+    """The first `x-api-key` (or None) and `Authorization` (or "") of the raw headers, in
+    one pass: every request is authenticated, and Starlette's header mapping scans the
+    list once per name."""
+    key, authorization = None, None
+    for name, value in headers:
+        if name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key" and key is None:
+            key = value.decode("latin-1")
+    return key, authorization or ""
 
 
 class Idempotency:

@@ -116,7 +116,7 @@ class Dashboard:
         found = self.mb.store.session_get(token_hash, self.mb.now())
         if found is None:
             return None
-        tenant = self.mb.store.tenant_by_key(found[0], self.mb.now())
+        tenant = self.api.auth.tenant_of(found[0])
         if tenant is None:  # the key was revoked: its sessions end
             self.mb.store.session_delete(token_hash)
             return None
@@ -147,7 +147,7 @@ class Dashboard:
         if not cookie or not hmac.compare_digest(cookie, form.get("csrf", "")):
             raise Forbidden("the sign-in form expired or came from another site; try again")
         key_hash = hash_key(form.get("api_key", "").strip())
-        if self.mb.store.tenant_by_key(key_hash, self.mb.now()) is None:
+        if self.api.auth.tenant_of(key_hash) is None:
             return self._login_form(request, "Unknown or revoked API key.", 401)
         token, now = secrets.token_urlsafe(32), self.mb.now()
         self.mb.store.session_create(hash_key(token), key_hash, secrets.token_urlsafe(24),

@@ -30,34 +30,24 @@ class AccountQueries(StoreBase):
     def tenant_exists(self, name: str) -> bool:
         return self._one("SELECT 1 FROM tenants WHERE name=?", (name,)) is not None
 
-    def tenant_by_key(self, key_hash: bytes, now: float) -> str | None:
-        """The tenant of a key that is not revoked, or None; its `last_used_at` is
-        written at most once a KEY_TOUCH_S.
-
-        Answers come from a cache that is dropped whenever another connection has
-        committed (`PRAGMA data_version`), so a key revoked anywhere, `minibatch keys
-        revoke` included, is refused at the next request, and a quiet server answers
-        from memory."""
-        version = self._data_version()
-        if version != self._keys_version:
-            self._keys.clear()
-            self._keys_version = version
-        known = self._keys.get(key_hash)
-        if known is None:
-            row = self._one("SELECT tenant, last_used_at FROM api_keys WHERE key_hash=?"
-                            " AND revoked_at IS NULL", (key_hash,))
-            if row is None:
-                return None
-            known = self._keys[key_hash] = [row[0], row[1] or 0.0]
-        if now - known[1] >= KEY_TOUCH_S:
+    def tenant_by_key(self, key_hash: bytes, now: float) -> tuple[str, float] | None:
+        """(tenant, last_used_at) of a key that is not revoked, or None. `last_used_at`
+        is written when it is KEY_TOUCH_S old, so a caller that keeps the answer asks
+        again when that much time has passed (the API keeps answers: `ReadCache`)."""
+        row = self._one("SELECT tenant, last_used_at FROM api_keys WHERE key_hash=?"
+                        " AND revoked_at IS NULL", (key_hash,))
+        if row is None:
+            return None
+        tenant, used = row[0], row[1] or 0.0
+        if now - used >= KEY_TOUCH_S:
             try:
                 with self._tx() as cur:
                     cur.execute("UPDATE api_keys SET last_used_at=? WHERE key_hash=?",
                                 (now, key_hash))
-                known[1] = now
+                used = now
             except StorageUnavailable:
                 pass  # a full disk must not refuse a read: the next use writes it
-        return known[0]
+        return tenant, used
 
     def keys_list(self, tenant: str | None) -> list[dict[str, Any]]:
         """Every key (of one tenant, or all), oldest first; never the key itself."""
@@ -75,7 +65,6 @@ class AccountQueries(StoreBase):
                         (now, key_id))
             if not self.conn.changes():
                 raise NotFound(f"no API key {key_id!r}")
-        self._keys.clear()
 
     def secrets_active(self, tenant: str, now: float, endpoint: str | None = None
                        ) -> list[tuple[str, str]]:

@@ -41,10 +41,6 @@ class StoreBase:
         self.path = path
         self._synchronous, self._webhook_schedule = synchronous, webhook_schedule
         self._checkpointer: apsw.Connection | None = None
-        # AccountQueries' cache of keys: digest -> [tenant, last_used_at written], valid
-        # while no other connection has committed (PRAGMA data_version).
-        self._keys: dict[bytes, list[Any]] = {}
-        self._keys_version: int | None = None
         # A new delivery is due after the schedule's first delay, for len(schedule) attempts.
         self.webhook_attempts = len(webhook_schedule)
         self.webhook_first_delay = webhook_schedule[0]
@@ -133,9 +129,11 @@ class StoreBase:
                 raise StorageUnavailable(f"database cannot be written: {exc}") from None
             raise
 
-    def _data_version(self) -> int:
-        """A number that changes whenever another connection has committed."""
-        return self._one("PRAGMA data_version")[0]
+    def read_version(self) -> Any:
+        """A value that changes whenever anything stored may have changed: another
+        connection committed (`PRAGMA data_version`), or this one changed a row
+        (`total_changes` counts those even when rolled back: only a needless miss)."""
+        return self._one("PRAGMA data_version")[0], self.conn.total_changes()
 
     def subscribe(self, on_kind: Callable[[str], None]) -> Callable[[], None]:
         """SQLite sends no notifications: processes on one file find work by polling."""

@@ -6,7 +6,7 @@ of apsw's connection they use (`execute`, `cursor`, `executemany` with RETURNING
 `changes`), translating each statement once: `?` and `?N` become psycopg placeholders,
 `IS [NOT] ?` becomes `IS [NOT] DISTINCT FROM`, SQLite's `INDEXED BY` hint is dropped
 (PostgreSQL's planner reads the literal status itself). What differs in substance lives
-here: the schema's migrations under an advisory lock, the transaction, the key cache,
+here: the schema's migrations under an advisory lock, the transaction, the read version,
 the clock, JSON reads, checks and backups.
 
 Every write transaction but a claim first takes one advisory lock (`WRITE_LOCK`), so
@@ -196,9 +196,7 @@ class PostgresBase:
                  webhook_schedule: tuple[float, ...] = (0.0,)) -> None:
         self.path = url
         self._synchronous, self._webhook_schedule = synchronous, webhook_schedule
-        self._keys: dict[bytes, list[Any]] = {}
-        self._keys_version: int | None = None
-        self._reads = 0  # stands in for SQLite's data_version: every read looks again
+        self._reads = 0  # read_version's count
         self.webhook_attempts = len(webhook_schedule)
         self.webhook_first_delay = webhook_schedule[0]
         self.conn = PgConnection(url)
@@ -271,9 +269,9 @@ class PostgresBase:
 
     # -- what differs from SQLite ----------
 
-    def _data_version(self) -> int:
-        """A key's tenant is read again at every request: there is no cheap way to learn
-        that another process revoked it."""
+    def read_version(self) -> int:
+        """Never the same twice: another process's commits cannot be seen cheaply, so
+        nothing read is reused."""
         self._reads += 1
         return self._reads
 

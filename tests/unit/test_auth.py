@@ -114,20 +114,53 @@ def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refus
         auth.tenant(request_with(("x-api-key", "mb_unknown")))
 
 
-def test_a_key_revoked_through_another_connection_is_refused_at_the_next_lookup(db_path):
+def test_a_key_revoked_or_created_anywhere_counts_at_the_next_request(db_path):
+    """The Authenticator keeps tenants between requests; a change through any
+    connection is seen at the next one."""
     server, cli_side = open_store(db_path), open_store(db_path)
+    auth = Authenticator(server, time.time)
     out = create_tenant_key(server, "acme", "deploy")
-    digest = hash_key(out["api_key"])
-    assert server.tenant_by_key(digest, 1000.0) == "acme"  # now cached
-    cli_side.key_revoke(out["key_id"], 1001.0)
-    assert server.tenant_by_key(digest, 1002.0) is None
+    bearer = ("authorization", f"Bearer {out['api_key']}")
+    assert auth.tenant(request_with(bearer)) == "acme"
+    assert auth.tenant(request_with(bearer)) == "acme"  # kept
+    cli_side.key_revoke(out["key_id"], time.time())
+    with pytest.raises(Unauthorized):
+        auth.tenant(request_with(bearer))
+    unknown = "mb_" + "k" * 43
+    assert auth.tenant_of(hash_key(unknown)) is None  # kept as unknown ...
+    cli_side.tenant_create("acme", hash_key(unknown), "secret_x", "whsec_x", time.time(),
+                           key_id="key_new")
+    assert auth.tenant(request_with(("x-api-key", unknown))) == "acme"  # ... until made
     again = create_tenant_key(server, "acme")
-    server.key_revoke(again["key_id"], 1003.0)  # through the cache's own connection
-    assert server.tenant_by_key(hash_key(again["api_key"]), 1004.0) is None
+    assert auth.tenant(request_with(("x-api-key", again["api_key"]))) == "acme"
+    server.key_revoke(again["key_id"], time.time())  # through the server's own connection
+    with pytest.raises(Unauthorized):
+        auth.tenant(request_with(("x-api-key", again["api_key"])))
     with pytest.raises(NotFound):
-        server.key_revoke("key_nope", 1005.0)
+        server.key_revoke("key_nope", time.time())
     server.close()
     cli_side.close()
+
+
+def test_a_key_in_steady_use_has_last_used_at_written_though_nothing_changes(db_path):
+    """Kept tenants still ask the store once a minute, which writes `last_used_at`."""
+    store, clock = open_store(db_path), [1000.0]
+    auth = Authenticator(store, lambda: clock[0])
+    out = create_tenant_key(store, "acme")
+
+    def last_used() -> float | None:
+        return store._one("SELECT last_used_at FROM api_keys WHERE id=?", (out["key_id"],))[0]
+
+    bearer = ("authorization", f"Bearer {out['api_key']}")
+    auth.tenant(request_with(bearer))
+    assert last_used() == 1000.0
+    clock[0] = 1059.0
+    auth.tenant(request_with(bearer))
+    assert last_used() == 1000.0
+    clock[0] = 1061.0
+    auth.tenant(request_with(bearer))
+    assert last_used() == 1061.0
+    store.close()
 
 
 def test_last_used_at_is_written_at_most_once_a_minute(db_path):

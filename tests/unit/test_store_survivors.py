@@ -54,8 +54,6 @@ against the fast store tests) added the tests below the marker further down. Equ
   `[0][-1]` on the one row of an INSERT ... RETURNING seq.
 - items.py `_shares`: `break` -> `continue` once the claim is full: `continue` skips the
   rest of the round's batches just as well (each would only be skipped).
-- accounts.py `tenant_by_key`: `version != self._keys_version` -> `is not`: the cache is
-  only dropped more often, and it is refilled from the same rows.
 - accounts.py `_secret_rotate`: `now + 1e-6` -> `now // 1e-6`, `now / 1e-6` or
   `now + 1.000001`: the new secret's created_at is still the latest, so it still sorts
   first; nothing else reads it.
@@ -416,7 +414,7 @@ def test_keys_list_shows_when_a_key_was_used_and_revoked(db_path):
     store = open_store(db_path)
     store.tenant_create("t", b"k1", "secret_1", "whsec_eA", T0, key_id="key_1", key_name="ci")
     store.tenant_create("u", b"k2", "secret_2", "whsec_eA", T0 + 1, key_id="key_2")
-    assert store.tenant_by_key(b"k1", T0 + 100) == "t"
+    assert store.tenant_by_key(b"k1", T0 + 100) == ("t", T0 + 100)
     store.key_revoke("key_2", T0 + 200)
     assert store.keys_list(None) == [
         {"id": "key_1", "tenant": "t", "name": "ci", "created_at": to_datetime(T0),
@@ -862,10 +860,10 @@ def test_a_tenants_second_key_keeps_its_first_secret_and_a_revoked_key_is_refuse
     store.tenant_create("t", b"k1", "secret_1", "whsec_eA", T0, key_id="key_1")
     store.tenant_create("t", b"k2", "secret_2", "whsec_eB", T0 + 1, key_id="key_2")
     assert store.secrets_active("t", T0 + 2) == [("secret_1", "whsec_eA")]
-    assert store.tenant_by_key(b"k2", T0 + 2) == "t"
+    assert store.tenant_by_key(b"k2", T0 + 2) == ("t", T0 + 2)
     assert store.tenant_by_key(b"nope", T0 + 2) is None
     other = store.another()
-    other.key_revoke("key_2", T0 + 3)  # another connection: the cache is dropped
+    other.key_revoke("key_2", T0 + 3)
     assert store.tenant_by_key(b"k2", T0 + 4) is None
     store.key_revoke("key_2", T0 + 9)  # again: the first revocation's time stays
     assert [k["revoked_at"] for k in store.keys_list("t")] == [None, to_datetime(T0 + 3)]
@@ -1196,11 +1194,12 @@ def test_a_keys_first_use_is_written_once_a_minute_has_passed_since_time_zero(db
     store = open_store(db_path)
     store.tenant_create("t", b"k1", "secret_1", "whsec_eA", 0.0, key_id="key_1")
     store.tenant_create("t", b"k2", "secret_2", "whsec_eA", 0.0, key_id="key_2")
-    assert store.tenant_by_key(b"k1", 59.5) == store.tenant_by_key(b"k2", 60.5) == "t"
+    assert store.tenant_by_key(b"k1", 59.5) == ("t", 0.0)
+    assert store.tenant_by_key(b"k2", 60.5) == ("t", 60.5)
     assert [k["last_used_at"] for k in store.keys_list("t")] == [None, to_datetime(60.5)]
-    assert store.tenant_by_key(b"k2", 120.0) == "t"  # 59.5 s later: not written again
+    assert store.tenant_by_key(b"k2", 120.0) == ("t", 60.5)  # 59.5 s later: not written
     assert store.keys_list("t")[1]["last_used_at"] == to_datetime(60.5)
-    assert store.tenant_by_key(b"k2", 120.5) == "t"
+    assert store.tenant_by_key(b"k2", 120.5) == ("t", 120.5)
     assert store.keys_list("t")[1]["last_used_at"] == to_datetime(120.5)
 
 
