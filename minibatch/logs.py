@@ -184,7 +184,8 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    stream, clock = handler.stream, _Clock()
+    stream, lock, clock = handler.stream, handler.lock, _Clock()
+    assert lock is not None  # logging.Handler.__init__ made it
 
     def access_line(method: str, path: str, status: int, ms: float, rid: str) -> None:
         if log_format == "json":
@@ -192,16 +193,13 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
                                "logger": "minibatch.access",
                                "message": f"{method} {path} {status} {ms}ms",
                                "request_id": rid, "method": method, "path": path,
-                               "status": status, "duration_ms": ms})
+                               "status": status, "duration_ms": ms}) + "\n"
         else:  # a decoded path may hold a newline: one request, one line
             shown = path if path.isprintable() else json.dumps(path)[1:-1]
             line = (f"{clock.now()} INFO minibatch.access: {method} {shown} {status} {ms}ms"
-                    f" request_id={rid}")
-        handler.acquire()  # threads log through the same stream
-        try:
-            stream.write(line + "\n")
+                    f" request_id={rid}\n")
+        with lock:  # threads log through the same stream
+            stream.write(line)
             handler.flush()
-        finally:
-            handler.release()
 
     _access_line = access_line if level <= logging.INFO else None
