@@ -54,6 +54,10 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/unit/test_auth.py",  # create_tenant_key -> new_secret
         "tests/integration/test_webhooks.py",  # headers verified by standardwebhooks
     ]),
+    "readcache": ("minibatch/readcache.py", [
+        "tests/unit/test_readcache.py",
+        "tests/unit/test_auth.py",
+    ]),
     "auth": ("minibatch/auth.py", [
         "tests/unit/test_auth.py",  # the HTTP tests that reach auth.py, not whole files:
         "tests/integration/test_api.py::test_missing_or_unknown_key_is_401_and_both_headers_work",
