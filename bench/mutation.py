@@ -103,6 +103,17 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/unit/test_store_properties.py",
         "tests/integration/test_storage_faults.py",
     ]),
+    # postgres.py's mutants can only be judged on PostgreSQL: run this one with
+    # MINIBATCH_TEST_STORE=postgres and MINIBATCH_TEST_POSTGRES_URL set (a server of
+    # `python -m tests.postgres start DIR`); its score stands for that file of store/.
+    "store-postgres": ("minibatch/store/postgres.py", [
+        "tests/unit/test_store_pg_translation.py",
+        "tests/unit/test_store_survivors.py",
+        "tests/unit/test_store.py",
+        "tests/unit/test_claims.py",
+        "tests/unit/test_store_maintenance.py",
+        "tests/unit/test_store_views.py",
+    ]),
     "api": ("minibatch/api.py", [
         "tests/integration/test_api_details.py",
         "tests/integration/test_api.py",
