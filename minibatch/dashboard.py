@@ -32,7 +32,7 @@ from starlette.templating import Jinja2Templates
 from . import models
 from .api import Api, as_error, decimal_arg, result_lines
 from .auth import hash_key
-from .errors import Forbidden, InvalidInput, MinibatchError, NotFound
+from .errors import Forbidden, InvalidInput, MinibatchError
 from .store import ERRORS_SCANNED
 
 SESSION_COOKIE = "mb_session"
@@ -221,13 +221,9 @@ class Dashboard:
         """The status and counters of the batches a page shows, for ui.js."""
         ids = request.query_params.getlist("id")[:LIVE_MAX]
         found = {}
-        for batch_id in ids:
-            try:
-                row = self.mb.store.batch_row(batch_id, session.tenant)
-            except NotFound:
-                continue
+        for row in self.mb.store.batch_rows(ids, session.tenant):
             done = row.succeeded + row.failed + row.cancelled + row.expired
-            found[batch_id] = {
+            found[row.id] = {
                 "status": row.status, "done": done, "total": row.total,
                 "metrics": {"queued": row.queued, "running": row.running,
                             "succeeded": row.succeeded, "failed": row.failed,

@@ -190,6 +190,14 @@ class BatchQueries(StoreBase):
         """The batch's row, for a dialect to render in its own shape (404 if not found)."""
         return self._batch_row_by_id(batch_id, tenant)
 
+    def batch_rows(self, batch_ids: list[str], tenant: str) -> list[BatchRow]:
+        """The rows of those of `batch_ids` that are the tenant's, in one read."""
+        if not batch_ids:
+            return []
+        return [BatchRow(*r) for r in self._all(
+            f"SELECT {BATCH_COLS} FROM batches WHERE tenant=? AND id IN"
+            f" ({','.join('?' * len(batch_ids))})", (tenant, *batch_ids))]
+
     def batch_get(self, batch_id: str, tenant: str | None = None) -> Batch:
         """The batch with its delivery summary (the polling_url's answer)."""
         return self._batch_with_deliveries(self._batch_row_by_id(batch_id, tenant))
