@@ -107,6 +107,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
     # MINIBATCH_TEST_STORE=postgres and MINIBATCH_TEST_POSTGRES_URL set (a server of
     # `python -m tests.postgres start DIR`); its score stands for that file of store/.
     "store-postgres": ("minibatch/store/postgres.py", [
+        "tests/unit/test_store_pg_survivors.py",  # its clock, migrations, LISTEN: fast
         "tests/unit/test_store_pg_translation.py",
         "tests/unit/test_store_survivors.py",
         "tests/unit/test_store.py",

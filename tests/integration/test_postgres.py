@@ -201,7 +201,7 @@ def test_a_kill_9_loop_across_the_three_loses_and_doubles_nothing(tmp_path):
 
 
 def test_migrations_raced_by_three_processes_run_once(tmp_path):
-    url = database(tmp_path / "raced")
+    url = database(tmp_path / "raced", empty=True)
     code = "import sys; from minibatch.store import open_store; open_store(sys.argv[1])"
     racers = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE)
               for _ in range(3)]

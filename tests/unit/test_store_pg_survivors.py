@@ -1,0 +1,106 @@
+"""PostgresStore's own code, on a real PostgreSQL server: the database's clock, the
+migrations on an empty database, the schema listing, and LISTEN/NOTIFY. Written against
+the survivors of `bench/mutation.sh --module store-postgres` (run under
+MINIBATCH_TEST_STORE=postgres); skipped on SQLite.
+
+Equivalent mutants of postgres.py, which no test can tell apart:
+- `translate`'s `lru_cache` removed or resized: the function is pure; the cache only
+  saves time.
+- `[0]` -> `[-1]` in `_one`, `PgCursor.fetchone` and the clock's read: every statement
+  read that way returns one row (a lookup by key, a count, one RETURNING row, one value).
+- `last_changes = 0` -> `1` at connect: every statement sets it before `changes()` reads it.
+- `scope_lock`'s `[:8]` -> `[:7]`: any stable key serves as the advisory lock of a scope.
+- the `(0.0,)` default of `webhook_schedule` -> `(-1.0,)`: `open_store` and `another()`
+  always pass the schedule.
+- `_reads` starting at -1 or counting by 2: `read_version` only needs a new value each time.
+- `CLOCK_REFRESH_S` 60 -> 59, and `_clock_at` starting at +60 rather than -60: the offset
+  is measured at the first call either way on any machine up more than two minutes
+  (`time.monotonic()` counts from boot), and a minute or 59 s later again.
+- the listening thread started with `daemon=False`: it ends by itself within
+  LISTEN_POLL_S of being stopped, so nothing waits on it.
+- `_batches_due`'s re-check `locked[seq] < concurrency` -> `is not`: the shared query has
+  already left out a batch at its cap, so the two differ only if `running` reached the cap
+  between the two reads of one claim, a race this suite does not force.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.conftest import POSTGRES, database
+
+pytestmark = pytest.mark.skipif(not POSTGRES, reason="PostgreSQL only"
+                                " (MINIBATCH_TEST_STORE=postgres)")
+
+T0 = 1_700_000_000.0
+
+
+def open_pg(url: str):
+    from minibatch.store import open_store
+
+    return open_store(url)
+
+
+def test_the_clock_is_the_databases_even_when_this_machines_is_off(db_path, monkeypatch):
+    """A machine whose clock is 1,000 s behind the database's still keeps its time."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 1000.0)
+    store = open_pg(db_path)
+    try:
+        assert abs(store.clock() - real()) < 30  # the offset put back what the clock lost
+        assert store._clock_offset == pytest.approx(1000.0, abs=30)
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
+def test_the_offset_is_measured_again_once_a_minute_and_not_between(db_path):
+    store = open_pg(db_path)
+    store.clock()
+    measured_at = store._clock_at
+    store.clock()
+    assert store._clock_at == measured_at  # within the minute: not measured again
+    store._clock_at -= 61.0  # as if a minute had passed
+    store.clock()
+    assert store._clock_at > measured_at - 61.0
+    store.close()
+
+
+def test_migrations_on_an_empty_database_are_numbered_one_by_one(tmp_path):
+    from minibatch.store.pg_schema import PG_MIGRATIONS
+
+    store = open_pg(database(tmp_path / "empty", empty=True))
+    assert store._all("SELECT version FROM minibatch_schema ORDER BY version") == [
+        (n,) for n in range(1, len(PG_MIGRATIONS) + 1)]
+    assert store.schema_version() == len(PG_MIGRATIONS)
+    assert "items items_due" in store.schema_sql()  # table, then index
+    store.close()
+
+
+def test_a_submit_anywhere_wakes_a_subscriber_until_it_stops(db_path):
+    listener, submitter = open_pg(db_path), open_pg(db_path)
+    heard: list[str] = []
+    woke = threading.Event()
+
+    def on_kind(kind: str) -> None:
+        heard.append(kind)
+        woke.set()
+
+    before = set(threading.enumerate())
+    stop = listener.subscribe(on_kind)
+    (thread,) = [t for t in threading.enumerate()
+                 if t not in before and t.name == "minibatch-listen"]
+    deadline = time.monotonic() + 30
+    while not woke.is_set() and time.monotonic() < deadline:  # LISTEN may not be up yet
+        submitter.batch_insert(tenant="t", kind="ping", items=[{"input": 1}], now=T0,
+                               max_attempts=1)
+        woke.wait(0.5)
+    assert woke.is_set() and set(heard) == {"ping"}
+    stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the listening thread did not end"
+    listener.close()
+    submitter.close()
