@@ -108,6 +108,8 @@ MAP: dict[str, tuple[str, list[str]]] = {
     # `python -m tests.postgres start DIR`); its score stands for that file of store/.
     "store-postgres": ("minibatch/store/postgres.py", [
         "tests/unit/test_store_pg_survivors.py",  # its clock, migrations, LISTEN: fast
+        "tests/unit/test_readcache.py",  # read_version never repeats
+        "tests/unit/test_loops_once.py",  # reads a row with fetchone
         "tests/unit/test_store_pg_translation.py",
         "tests/unit/test_store_survivors.py",
         "tests/unit/test_store.py",

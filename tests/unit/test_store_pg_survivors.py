@@ -18,9 +18,15 @@ Equivalent mutants of postgres.py, which no test can tell apart:
   (`time.monotonic()` counts from boot), and a minute or 59 s later again.
 - the listening thread started with `daemon=False`: it ends by itself within
   LISTEN_POLL_S of being stopped, so nothing waits on it.
-- `_batches_due`'s re-check `locked[seq] < concurrency` -> `is not`: the shared query has
-  already left out a batch at its cap, so the two differ only if `running` reached the cap
-  between the two reads of one claim, a race this suite does not force.
+- `_batches_due`'s re-check `locked[seq] < concurrency` -> `is not` or `<=`: the shared
+  query has already left out a batch at its cap, so they differ only if `running` reached
+  the cap between the two reads of one claim, a race this suite does not force.
+- `WRITE_LOCK`'s value changed: any constant key serves.
+- `max(cur.rowcount, 0)` -> `max(..., -1)`: `changes()` is read after an UPDATE or
+  DELETE, whose rowcount psycopg always knows.
+- `_clock_offset` starting at 1.0: the first `clock()` measures it.
+- the midpoint `(before + after) / 2` -> `// 2`: the offset moves by under a second, closer
+  than a test can pin an offset measured over a round trip without flaking.
 """
 
 from __future__ import annotations
