@@ -55,10 +55,12 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/integration/test_webhooks.py",  # headers verified by standardwebhooks
     ]),
     "readcache": ("minibatch/readcache.py", [
+        "tests/unit/test_readcache_survivors.py",
         "tests/unit/test_readcache.py",
         "tests/unit/test_auth.py",
     ]),
     "auth": ("minibatch/auth.py", [
+        "tests/unit/test_auth_survivors.py",  # the token bucket, the kept keys: fast
         "tests/unit/test_auth.py",  # the HTTP tests that reach auth.py, not whole files:
         "tests/integration/test_api.py::test_missing_or_unknown_key_is_401_and_both_headers_work",
         "tests/integration/test_api.py::test_idempotency_key_replays_the_first_response",
