@@ -120,6 +120,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
         "tests/unit/test_store_views.py",
     ]),
     "api": ("minibatch/api.py", [
+        "tests/integration/test_api_edges.py",  # the survivors of 2026-12-01
         "tests/integration/test_api_details.py",
         "tests/integration/test_api.py",
         "tests/integration/test_hardening.py",
