@@ -109,10 +109,9 @@ def test_a_kept_key_is_asked_again_after_a_long_pause(db_path):
     store.close()
 
 
-@pytest.mark.sqlite_only
-def test_a_kept_key_is_not_read_again_within_the_minute(db_path):
-    clock = [1000.0]
-    store, auth, bearer, _ = kept_key(db_path, clock)
+def key_reads(store, clock: list[float]) -> list[float]:
+    """The times (by `clock`) at which the store reads a key, seen through SQLite's
+    exec_trace; the caller sets `store.conn.exec_trace = None` when done."""
     reads: list[float] = []
 
     def trace(cursor, sql: str, bindings) -> bool:
@@ -121,6 +120,14 @@ def test_a_kept_key_is_not_read_again_within_the_minute(db_path):
         return True
 
     store.conn.exec_trace = trace
+    return reads
+
+
+@pytest.mark.sqlite_only
+def test_a_kept_key_is_not_read_again_within_the_minute(db_path):
+    clock = [1000.0]
+    store, auth, bearer, _ = kept_key(db_path, clock)
+    reads = key_reads(store, clock)
     auth.tenant(request_with(bearer))  # read, and last_used_at written
     clock[0] = 1010.0
     auth.tenant(request_with(bearer))  # read again: the write moved the version
@@ -139,14 +146,7 @@ def test_an_unknown_key_is_kept_as_unknown_within_the_minute(db_path):
     clock = [1000.0]
     store = open_store(db_path)
     auth = Authenticator(store, lambda: clock[0])
-    reads: list[float] = []
-
-    def trace(cursor, sql: str, bindings) -> bool:
-        if "FROM api_keys WHERE key_hash=?" in sql and sql.startswith("SELECT"):
-            reads.append(clock[0])
-        return True
-
-    store.conn.exec_trace = trace
+    reads = key_reads(store, clock)
     digest = hash_key("mb_" + "u" * 43)
     for t in (1000.0, 1030.0, 1059.0, 1060.0):
         clock[0] = t
