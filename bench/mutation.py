@@ -121,6 +121,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
     ]),
     "api": ("minibatch/api.py", [
         "tests/integration/test_api_edges.py",  # the survivors of 2026-12-01
+        "tests/integration/test_api_survivors.py",  # the DELETE routes' bodies
         "tests/integration/test_api_details.py",
         "tests/integration/test_api.py",
         "tests/integration/test_hardening.py",
