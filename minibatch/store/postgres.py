@@ -32,6 +32,8 @@ from functools import lru_cache
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import InvalidInput, StorageUnavailable
 from . import views
@@ -50,6 +52,10 @@ MIGRATE_LOCK = 0x6D62_6D67  # "mbmg": held while migrations run
 CHANNEL = "minibatch_work"  # NOTIFY's payload: the kind of a batch just submitted
 LISTEN_POLL_S = 0.5  # how often the listening thread looks at its stop flag
 CLOCK_REFRESH_S = 60.0  # how often the offset to the database's clock is measured again
+POOL_SIZE = 8  # connections a store may open; one is opened at start, the rest on demand
+POOL_WAIT_S = 10.0  # how long a thread waits for a free connection (then a 503)
+CONNECT_TIMEOUT_S = 10
+OPEN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)  # a transaction not ended
 _NUMBERED = re.compile(r"\?(\d+)")
 _IS = re.compile(r"\bIS(\s+NOT)?\s+(\?\d*)")
 _INDEXED_BY = re.compile(r"\s+INDEXED BY \w+")
@@ -96,10 +102,10 @@ class PgCursor:
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> PgCursor:
         text, numbered = translate(sql)
-        with self.conn.lock, self.conn.raw.cursor() as cur:
+        with self.conn.held() as raw, raw.cursor() as cur:
             cur.execute(text, _params(args, numbered))
             self.rows = cur.fetchall() if cur.description else []
-            self.conn.last_changes = max(cur.rowcount, 0)
+            self.conn.count_changes(max(cur.rowcount, 0))
         return self
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> PgCursor:
@@ -108,7 +114,7 @@ class PgCursor:
         self.rows = []
         if not params:
             return self
-        with self.conn.lock, self.conn.raw.cursor() as cur:
+        with self.conn.held() as raw, raw.cursor() as cur:
             returning = " RETURNING " in text.upper()
             cur.executemany(text, params, returning=returning)
             if returning:
@@ -116,9 +122,9 @@ class PgCursor:
                     self.rows += cur.fetchall()
                     if not cur.nextset():
                         break
-                self.conn.last_changes = len(self.rows)
+                self.conn.count_changes(len(self.rows))
             else:
-                self.conn.last_changes = max(cur.rowcount, 0)
+                self.conn.count_changes(max(cur.rowcount, 0))
         return self
 
     def fetchall(self) -> list[Any]:
@@ -132,18 +138,49 @@ class PgCursor:
 
 
 class PgConnection:
-    """A psycopg connection (autocommit: each read its own statement) behind the part of
-    apsw's connection API the query files call. `lock` is held through each statement
-    and each whole transaction, so a thread that reads while another thread's transaction
-    is open waits for it, as apsw's connection makes it wait."""
+    """psycopg's connection pool behind the part of apsw's connection API the query
+    files call. A thread takes a connection from the pool for each statement, or for a
+    whole transaction, whose statements then all go to it; so the threads of a process
+    (the API's, the items', the pruner's) never wait for each other's round trips, and a
+    connection the server dropped (a restart, a failover, an idle timeout) is replaced
+    by the pool instead of failing every later call."""
 
     def __init__(self, url: str) -> None:
-        try:
-            self.raw = psycopg.connect(url, autocommit=True)
+        try:  # one connection first, for psycopg's own message if the server refuses
+            psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
         except psycopg.Error as exc:
             raise StorageUnavailable(f"cannot connect to {redact(url)}: {exc}") from None
-        self.last_changes = 0
-        self.lock = threading.RLock()
+        self.pool = ConnectionPool(url, min_size=1, max_size=POOL_SIZE, open=False,
+                                   num_workers=1, timeout=POOL_WAIT_S,
+                                   kwargs={"autocommit": True})
+        self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        self._thread = threading.local()  # .raw, .depth, .snapshot: this thread's
+
+    @contextmanager
+    def held(self) -> Iterator[psycopg.Connection]:
+        """This thread's connection, taken from the pool if it holds none, until the
+        outermost `held` ends. A dropped connection is a 503 for that call alone: the
+        pool then tests the idle ones and replaces those dropped too."""
+        thread = self._thread
+        depth = getattr(thread, "depth", 0)
+        if depth == 0:
+            try:
+                thread.raw = self.pool.getconn()
+            except PoolTimeout as exc:
+                raise StorageUnavailable(f"no database connection free: {exc}") from None
+        thread.depth = depth + 1
+        raw = thread.raw
+        try:
+            yield raw
+        except psycopg.OperationalError as exc:
+            raise StorageUnavailable(f"database unavailable: {exc}") from None
+        finally:
+            thread.depth = depth
+            if depth == 0:
+                thread.raw = None
+                self.pool.putconn(raw)
+                if raw.closed:  # the others idle in the pool were likely dropped with it
+                    self.pool.check()
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> PgCursor:
         return PgCursor(self).execute(sql, args)
@@ -151,27 +188,46 @@ class PgConnection:
     def cursor(self) -> PgCursor:
         return PgCursor(self)
 
+    def count_changes(self, rows: int) -> None:
+        self._thread.changes = rows
+
     def changes(self) -> int:
-        return self.last_changes
+        """The rows this thread's last statement changed, as apsw's `changes()`."""
+        return getattr(self._thread, "changes", 0)
 
     @property
     def in_transaction(self) -> bool:
-        return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        raw = getattr(self._thread, "raw", None)
+        return raw is not None and raw.info.transaction_status in OPEN
+
+    @contextmanager
+    def transaction(self, begin: str = "BEGIN") -> Iterator[psycopg.Connection]:
+        """One transaction on this thread's connection, committed if its block ends
+        without an exception, rolled back if not."""
+        with self.held() as raw:
+            raw.execute(begin)
+            try:
+                yield raw
+            except BaseException:
+                if raw.info.transaction_status in OPEN:  # not if the connection is gone
+                    raw.execute("ROLLBACK")
+                raise
+            raw.execute("COMMIT")
 
     def __enter__(self) -> PgConnection:
-        """`with conn:` as in apsw: one transaction (here with one snapshot)."""
-        self.lock.acquire()
-        self.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        """`with conn:` as in apsw: one transaction (here with one snapshot), this
+        thread's own."""
+        snapshot = self.transaction("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        snapshot.__enter__()
+        self._thread.snapshot = snapshot
         return self
 
-    def __exit__(self, kind: Any, *exc: Any) -> None:
-        try:
-            self.raw.execute("ROLLBACK" if kind else "COMMIT")
-        finally:
-            self.lock.release()
+    def __exit__(self, *exc: Any) -> None:
+        snapshot, self._thread.snapshot = self._thread.snapshot, None
+        snapshot.__exit__(*exc)
 
     def close(self) -> None:
-        self.raw.close()
+        self.pool.close()
 
 
 def scope_lock(scope: str) -> int:
@@ -226,14 +282,10 @@ class PostgresBase:
         """One write transaction, holding WRITE_LOCK until it ends; or, for a `scope`
         (the claims of one kind), that scope's own lock, beside the writers."""
         lock = WRITE_LOCK if scope is None else scope_lock(scope)
-        raw = self.conn.raw
-        try:
-            with self.conn.lock, raw.transaction():
-                cur = self.conn.cursor()
-                cur.execute("SELECT pg_advisory_xact_lock(?)", (lock,))
-                yield cur
-        except psycopg.OperationalError as exc:
-            raise StorageUnavailable(f"database cannot be written: {exc}") from None
+        with self.conn.transaction():
+            cur = self.conn.cursor()
+            cur.execute("SELECT pg_advisory_xact_lock(?)", (lock,))
+            yield cur
 
     def _one(self, sql: str, args: tuple = ()) -> Any:
         rows = self.conn.execute(sql, args).rows
@@ -251,8 +303,7 @@ class PostgresBase:
     def migrate(self) -> None:
         """Apply each numbered migration not yet applied, once however many processes
         start together: they queue on MIGRATE_LOCK and find the work done."""
-        raw = self.conn.raw
-        with raw.transaction():
+        with self.conn.transaction() as raw:
             raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             raw.execute("CREATE TABLE IF NOT EXISTS minibatch_schema"
                         " (version bigint PRIMARY KEY, applied_at timestamptz NOT NULL"

@@ -1,5 +1,6 @@
 """PostgresStore's own code, on a real PostgreSQL server: the database's clock, the
-migrations on an empty database, the schema listing, and LISTEN/NOTIFY. Written against
+migrations on an empty database, the schema listing, LISTEN/NOTIFY, and the connection
+pool (dropped connections, threads side by side). Written against
 the survivors of `bench/mutation.sh --module store-postgres` (run under
 MINIBATCH_TEST_STORE=postgres); skipped on SQLite.
 
@@ -8,7 +9,7 @@ Equivalent mutants of postgres.py, which no test can tell apart:
   saves time.
 - `[0]` -> `[-1]` in `_one`, `PgCursor.fetchone` and the clock's read: every statement
   read that way returns one row (a lookup by key, a count, one RETURNING row, one value).
-- `last_changes = 0` -> `1` at connect: every statement sets it before `changes()` reads it.
+- `changes()`'s default of 0 -> 1: every statement sets it before `changes()` reads it.
 - `scope_lock`'s `[:8]` -> `[:7]`: any stable key serves as the advisory lock of a scope.
 - the `(0.0,)` default of `webhook_schedule` -> `(-1.0,)`: `open_store` and `another()`
   always pass the schedule.
@@ -110,3 +111,72 @@ def test_a_submit_anywhere_wakes_a_subscriber_until_it_stops(db_path):
     assert not thread.is_alive(), "the listening thread did not end"
     listener.close()
     submitter.close()
+
+
+def _drop_connections(url: str) -> int:
+    """What a server restart or a failover does to a store: every connection to its
+    database is ended by the server."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
+        return len(admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                 " WHERE datname = %s", (name,)).fetchall())
+
+
+def test_a_store_whose_connections_the_server_dropped_works_again(db_path):
+    """At most the call that finds its connection gone fails, as a 503; the pool opens a
+    new one for the next, reads and writes alike."""
+    from minibatch.errors import StorageUnavailable
+
+    url = database(db_path)
+    store = open_pg(url)
+    store.tenant_create("t", b"k", "secret_1", "whsec_eA", T0, key_id="key_1")
+    assert _drop_connections(url) >= 1
+    failures = 0
+    for _ in range(2):
+        try:
+            assert store.tenant_exists("t") is True
+            break
+        except StorageUnavailable:
+            failures += 1
+    assert failures <= 1
+    assert store.tenant_exists("t") is True
+    _drop_connections(url)
+    try:
+        store.tenant_create("u", b"k2", "secret_2", "whsec_eB", T0, key_id="key_2")
+    except StorageUnavailable:  # the write that found its connection gone changed nothing
+        assert store.tenant_exists("u") is False
+        store.tenant_create("u", b"k2", "secret_2", "whsec_eB", T0, key_id="key_2")
+    assert store.tenant_exists("u") is True
+    store.close()
+
+
+def test_a_read_does_not_wait_for_another_threads_open_transaction(db_path):
+    """Each thread takes its own connection from the pool, so a read is not queued
+    behind a write transaction another thread holds open (one shared connection would
+    make it wait for the COMMIT)."""
+    store = open_pg(db_path)
+    store.tenant_create("t", b"k", "secret_1", "whsec_eA", T0, key_id="key_1")
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_a_transaction() -> None:
+        with store._tx() as cur:
+            cur.execute("UPDATE tenants SET name = name WHERE name = 't'")
+            inside.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold_a_transaction)
+    holder.start()
+    try:
+        assert inside.wait(30)
+        read: list[bool] = []
+        reader = threading.Thread(target=lambda: read.append(store.tenant_exists("t")))
+        reader.start()
+        reader.join(timeout=30)
+        assert read == [True], "the read waited for the other thread's transaction"
+        assert holder.is_alive()  # the transaction was still open while the read ran
+    finally:
+        release.set()
+        holder.join(timeout=30)
+    store.close()
