@@ -126,9 +126,12 @@ class Runner:
     # -- start and stop ----------
 
     def recover(self) -> None:
-        """At start-up: take back the items of dead processes, fail kinds with no handler."""
+        """At start-up: take back the items of dead processes, fail kinds that no process
+        serves (this one's kinds are leased first, so processes starting together each
+        see the others')."""
         now = self.now()
         expire_leases_of(self.store, lambda pid: pid != os.getpid() and not _pid_alive(pid))
+        self.store.leases_extend(self.owner, now + self.settings.lease_s, self.registry.handlers)
         self.store.items_rescue(now)
         self.store.batches_fail_unknown_kinds(self.registry.handlers, now)
 
@@ -431,7 +434,8 @@ class Runner:
 
     def heartbeat_once(self) -> None:
         """Extend this process's leases; interrupt items of batches cancelled elsewhere."""
-        self.store.leases_extend(self.owner, self.now() + self.settings.lease_s)
+        self.store.leases_extend(self.owner, self.now() + self.settings.lease_s,
+                                 self.registry.handlers)
         self.cancel_once()
 
     async def canceller(self) -> None:
@@ -459,7 +463,8 @@ class Runner:
         then would start a second run of an item whose first run is still going.
         """
         now = self.now()
-        self.store.leases_extend(self.owner, now + self.settings.lease_s)
+        self.store.leases_extend(self.owner, now + self.settings.lease_s,
+                                 self.registry.handlers)
         return self.store.items_rescue(now, except_owner=self.owner)
 
     async def expirer(self) -> None:

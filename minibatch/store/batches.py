@@ -304,13 +304,16 @@ class BatchQueries(StoreBase):
         self._batch_finish_if_done(cur, batch_seq, now)
 
     def batches_fail_unknown_kinds(self, kinds: Iterable[str], now: float) -> list[str]:
-        """Fail the queued items of open batches whose kind has no handler here."""
+        """Fail the queued items of open batches whose kind has no handler here, nor in
+        any process whose lease on that kind is live (processes sharing a database may
+        serve different kinds)."""
         known = list(kinds)
         unknown = f" AND kind NOT IN ({','.join('?' * len(known))})" if known else ""
         with self._tx() as cur:
+            cur.execute("DELETE FROM kind_leases WHERE lease_until <= ?", (now,))
             rows: list[Any] = cur.execute(
-                f"SELECT seq, id, kind FROM batches WHERE completed_at IS NULL{unknown}",
-                known).fetchall()
+                f"SELECT seq, id, kind FROM batches WHERE completed_at IS NULL{unknown}"
+                " AND kind NOT IN (SELECT kind FROM kind_leases)", known).fetchall()
             for seq, _, kind in rows:
                 err = error_bytes("unknown_kind", f"no handler for kind {kind!r} on this instance")
                 cur.execute("UPDATE items SET status='failed', error=? WHERE batch=?"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets as pysecrets
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import apsw
@@ -150,11 +151,17 @@ class ItemQueries(StoreBase):
         self._item_events(cur, [(b, seq) for b, seq, _ in unreadable], now)
         self._apply_deltas(cur, deltas, now)
 
-    def leases_extend(self, owner: str, until: float) -> int:
+    def leases_extend(self, owner: str, until: float, kinds: Iterable[str] = ()) -> int:
+        """Extend an owner's leases on its running items and on the kinds it serves."""
         with self._tx() as cur:
             cur.execute("UPDATE items SET lease_until=? WHERE status='running' AND lease_owner=?",
                         (until, owner))
-            return self.conn.changes()
+            extended = self.conn.changes()
+            cur.executemany("INSERT INTO kind_leases (kind, owner, lease_until)"
+                            " VALUES (?, ?, ?) ON CONFLICT (kind, owner)"
+                            " DO UPDATE SET lease_until=excluded.lease_until",
+                            [(kind, owner, until) for kind in kinds])
+            return extended
 
     def leases_expire(self, owner: str) -> int:
         """Mark a dead owner's leases expired, so the rescuer takes them now."""
@@ -164,8 +171,10 @@ class ItemQueries(StoreBase):
             return self.conn.changes()
 
     def items_release(self, owner: str, now: float) -> int:
-        """Hand an owner's running items back to the queue; the attempt is not counted."""
+        """Hand an owner's running items back to the queue; the attempt is not counted.
+        The owner serves no kind from now on."""
         with self._tx() as cur:
+            cur.execute("DELETE FROM kind_leases WHERE owner=?", (owner,))
             rows: list[Any] = cur.execute(
                 "UPDATE items SET status='queued', attempts=attempts-1, run_at=?,"
                 " lease_until=NULL, lease_owner=NULL WHERE status='running' AND lease_owner=?"

@@ -184,4 +184,11 @@ PG_MIGRATIONS: list[str] = [
         PRIMARY KEY (batch, second)
     );
     """,
+    # 2: SQLite's 9, the kinds each process serves
+    """
+    CREATE TABLE kind_leases (
+        kind text NOT NULL, owner text NOT NULL, lease_until double precision NOT NULL,
+        PRIMARY KEY (kind, owner)
+    );
+    """,
 ]

@@ -230,4 +230,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX items_expired ON items(batch, idx) WHERE status = 'expired';
     CREATE INDEX deliveries_endpoint ON deliveries(endpoint, seq) WHERE endpoint IS NOT NULL;
     """,
+    # 9: the kinds each process serves, leased as its items are (until its lease runs
+    # out), so a process starting without a kind's handler leaves that kind's batches to
+    # the processes that have one rather than failing them.
+    """
+    CREATE TABLE kind_leases (
+        kind TEXT NOT NULL, owner TEXT NOT NULL, lease_until REAL NOT NULL,
+        PRIMARY KEY (kind, owner)
+    ) WITHOUT ROWID;
+    """,
 ]

@@ -314,6 +314,35 @@ async def test_stored_batch_of_a_kind_with_no_handler_fails_at_start(db_path):
     assert codes == {"unknown_kind"}
 
 
+async def test_an_instance_without_a_kind_leaves_it_to_the_instance_serving_it(db_path):
+    """Two instances on one database with different handlers (two services, or a rolling
+    deploy adding a kind): the one starting without `embed` must not fail the `embed`
+    items queued behind the one running."""
+    release = threading.Event()
+    serving = minibatch.Minibatch(db_path)
+
+    @serving.handler("embed", concurrency=1)
+    def embed(item):
+        release.wait(60)
+        return item.input
+
+    async with serving:
+        batch = await serving.submit("embed", [{"input": i} for i in range(3)])
+        deadline = time.monotonic() + 30
+        while (await serving.get(batch.id)).metrics.running < 1:
+            assert time.monotonic() < deadline
+            await anyio.sleep(0.01)
+        other = minibatch.Minibatch(db_path)
+        other.handler("echo")(lambda item: item.input)
+        async with other:
+            assert (await other.get(batch.id)).metrics.failed == 0
+        other.close()
+        release.set()
+        done = await serving.wait(batch.id, timeout=60)
+    serving.close()
+    assert (done.status, done.metrics.succeeded) == ("completed", 3)
+
+
 async def test_leaving_the_context_hands_running_items_back(db_path):
     mb = minibatch.Minibatch(db_path, shutdown_grace_s=0.1)
     started = anyio.Event()

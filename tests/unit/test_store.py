@@ -55,6 +55,30 @@ def test_heartbeat_keeps_a_long_attempt_from_being_rescued(db_path):
     assert store.items_rescue(T0 + 61) == 2
 
 
+def test_a_kind_another_process_serves_is_left_to_it_while_its_lease_lives(db_path):
+    """Processes sharing a database may serve different kinds: one starting without a
+    kind's handler fails that kind's batches only once no live process leases the kind."""
+    store = open_store(db_path)
+    served = store.batch_insert(tenant="t", kind="embed", items=[{"input": 0}], now=T0,
+                                max_attempts=1)
+    assert store.leases_extend("elsewhere", T0 + 30, ["embed", "k"]) == 0  # no items run
+    assert store.batches_fail_unknown_kinds(["echo"], T0 + 1) == []
+    store.leases_extend("elsewhere", T0 + 60, ["embed"])  # a heartbeat: the lease goes on
+    assert store.batches_fail_unknown_kinds(["echo"], T0 + 45) == []
+    assert store.batches_fail_unknown_kinds(["echo"], T0 + 60) == [served.id]  # it ran out
+    assert store.batch_get(served.id).status == "failed"
+
+
+def test_an_owner_that_hands_its_items_back_serves_no_kind_any_more(db_path):
+    store = open_store(db_path)
+    served = store.batch_insert(tenant="t", kind="embed", items=[{"input": 0}], now=T0,
+                                max_attempts=1)
+    store.leases_extend("leaving", T0 + 30, ["embed"])
+    store.leases_extend("staying", T0 + 30, ["other"])
+    store.items_release("leaving", T0 + 1)
+    assert store.batches_fail_unknown_kinds(["echo"], T0 + 2) == [served.id]
+
+
 def test_claim_respects_run_at_and_the_limit(db_path):
     store = open_store(db_path)
     make_batch(store, n=5)
