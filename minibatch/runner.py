@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import anyio
 
@@ -126,12 +126,13 @@ class Runner:
     # -- start and stop ----------
 
     def recover(self) -> None:
-        """At start-up: take back the items of dead processes, fail kinds that no process
-        serves (this one's kinds are leased first, so processes starting together each
-        see the others')."""
+        """At start-up: take back the items of dead processes, and fail the kinds that no
+        live process serves. This one's kinds are leased first; another process starting
+        in the same instant with other kinds may not have leased its own yet, and its
+        batches queued before then could be failed here."""
         now = self.now()
         expire_leases_of(self.store, lambda pid: pid != os.getpid() and not _pid_alive(pid))
-        self.store.leases_extend(self.owner, now + self.settings.lease_s, self.registry.handlers)
+        self.store.leases_extend(self.owner, now + self.settings.lease_s, self._kinds_served())
         self.store.items_rescue(now)
         self.store.batches_fail_unknown_kinds(self.registry.handlers, now)
 
@@ -435,7 +436,7 @@ class Runner:
     def heartbeat_once(self) -> None:
         """Extend this process's leases; interrupt items of batches cancelled elsewhere."""
         self.store.leases_extend(self.owner, self.now() + self.settings.lease_s,
-                                 self.registry.handlers)
+                                 self._kinds_served())
         self.cancel_once()
 
     async def canceller(self) -> None:
@@ -464,8 +465,13 @@ class Runner:
         """
         now = self.now()
         self.store.leases_extend(self.owner, now + self.settings.lease_s,
-                                 self.registry.handlers)
+                                 self._kinds_served())
         return self.store.items_rescue(now, except_owner=self.owner)
+
+    def _kinds_served(self) -> Iterable[str]:
+        """The kinds this process leases: none once it drains (items_release dropped
+        them, and the heartbeat must not lease them again while the process ends)."""
+        return () if self.stopping else self.registry.handlers
 
     async def expirer(self) -> None:
         await self._every(EXPIRY_INTERVAL_S, self.expire_once, "expirer")

@@ -164,8 +164,10 @@ class ItemQueries(StoreBase):
             return extended
 
     def leases_expire(self, owner: str) -> int:
-        """Mark a dead owner's leases expired, so the rescuer takes them now."""
+        """Mark a dead owner's leases expired, so the rescuer takes them now; it serves
+        no kind any more."""
         with self._tx() as cur:
+            cur.execute("DELETE FROM kind_leases WHERE owner=?", (owner,))
             cur.execute("UPDATE items SET lease_until=0 WHERE status='running' AND lease_owner=?",
                         (owner,))
             return self.conn.changes()

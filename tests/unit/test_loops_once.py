@@ -77,6 +77,22 @@ async def test_the_heartbeat_keeps_a_long_attempt_from_another_processs_rescuer(
     store.close()
 
 
+async def test_a_runner_leases_its_kinds_on_each_beat_and_none_once_it_drains(db_path):
+    clock = [T0]
+    store, here, _, _, _, batch_id = two_runners(db_path, clock)
+    here.heartbeat_once()
+    clock[0] += LEASE * 2 / 3
+    here.rescue_once()  # a beat: kind `k`'s lease now runs to 2/3 + 1 lease from T0
+    clock[0] += LEASE * 2 / 3
+    assert store.batches_fail_unknown_kinds(["other"], clock[0]) == []  # still served
+    here.stopping = True  # draining: its beats lease no kind
+    store.items_release(here.owner, clock[0])
+    here.heartbeat_once()
+    here.rescue_once()
+    assert store.batches_fail_unknown_kinds(["other"], clock[0]) == [batch_id]
+    store.close()
+
+
 async def test_an_expired_lease_is_rescued_with_the_attempt_counted_and_the_late_outcome_dropped(
         db_path):
     clock = [T0]

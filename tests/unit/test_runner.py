@@ -343,6 +343,22 @@ async def test_an_instance_without_a_kind_leaves_it_to_the_instance_serving_it(d
     assert (done.status, done.metrics.succeeded) == ("completed", 3)
 
 
+async def test_an_instance_that_stopped_serves_its_kinds_no_more(db_path):
+    """Its kinds' leases end with it (and its heartbeat, still beating while it drains,
+    does not take them again), so a later instance without the handler fails them."""
+    first = minibatch.Minibatch(db_path, lease_s=600)
+    first.handler("gone")(lambda item: None)
+    async with first:
+        pass
+    batch = await first.submit("gone", [{"input": 1}])
+    first.close()
+    second = minibatch.Minibatch(db_path)
+    async with second:
+        done = await second.wait(batch.id, timeout=60)
+    second.close()
+    assert (done.status, done.metrics.failed) == ("failed", 1)
+
+
 async def test_leaving_the_context_hands_running_items_back(db_path):
     mb = minibatch.Minibatch(db_path, shutdown_grace_s=0.1)
     started = anyio.Event()

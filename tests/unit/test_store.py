@@ -79,6 +79,15 @@ def test_an_owner_that_hands_its_items_back_serves_no_kind_any_more(db_path):
     assert store.batches_fail_unknown_kinds(["echo"], T0 + 2) == [served.id]
 
 
+def test_an_owner_known_dead_serves_no_kind_any_more(db_path):
+    store = open_store(db_path)
+    served = store.batch_insert(tenant="t", kind="embed", items=[{"input": 0}], now=T0,
+                                max_attempts=1)
+    store.leases_extend("dead", T0 + 30, ["embed"])
+    store.leases_expire("dead")
+    assert store.batches_fail_unknown_kinds(["echo"], T0 + 1) == [served.id]
+
+
 def test_claim_respects_run_at_and_the_limit(db_path):
     store = open_store(db_path)
     make_batch(store, n=5)
