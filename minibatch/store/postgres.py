@@ -33,7 +33,7 @@ from typing import Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from ..errors import InvalidInput, StorageUnavailable
 from . import views
@@ -53,7 +53,7 @@ CHANNEL = "minibatch_work"  # NOTIFY's payload: the kind of a batch just submitt
 LISTEN_POLL_S = 0.5  # how often the listening thread looks at its stop flag
 CLOCK_REFRESH_S = 60.0  # how often the offset to the database's clock is measured again
 POOL_SIZE = 8  # connections a store may open; one is opened at start, the rest on demand
-POOL_WAIT_S = 10.0  # how long a thread waits for a free connection (then a 503)
+POOL_WAIT_S = 1.0  # how long a thread (an event loop's) waits for a connection, then 503
 CONNECT_TIMEOUT_S = 10
 OPEN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)  # a transaction not ended
 _NUMBERED = re.compile(r"\?(\d+)")
@@ -153,7 +153,11 @@ class PgConnection:
         self.pool = ConnectionPool(url, min_size=1, max_size=POOL_SIZE, open=False,
                                    num_workers=1, timeout=POOL_WAIT_S,
                                    kwargs={"autocommit": True})
-        self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        try:
+            self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        except (PoolTimeout, PoolClosed) as exc:
+            self.pool.close()
+            raise StorageUnavailable(f"cannot connect to {redact(url)}: {exc}") from None
         self._thread = threading.local()  # .raw, .depth, .snapshot: this thread's
 
     @contextmanager
@@ -166,8 +170,8 @@ class PgConnection:
         if depth == 0:
             try:
                 thread.raw = self.pool.getconn()
-            except PoolTimeout as exc:
-                raise StorageUnavailable(f"no database connection free: {exc}") from None
+            except (PoolTimeout, PoolClosed) as exc:  # none free in time, or closed
+                raise StorageUnavailable(f"no database connection: {exc}") from None
         thread.depth = depth + 1
         raw = thread.raw
         try:
