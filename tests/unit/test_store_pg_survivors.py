@@ -1,7 +1,7 @@
 """PostgresStore's own code, on a real PostgreSQL server: the database's clock, the
-migrations on an empty database, the schema listing, LISTEN/NOTIFY, and the connection
-pool (dropped connections, threads side by side). Written against
-the survivors of `bench/mutation.sh --module store-postgres` (run under
+migrations on an empty database, the schema listing, LISTEN/NOTIFY, the connection pool
+(dropped connections, threads side by side), and a claim skipping a row locked elsewhere.
+Written against the survivors of `bench/mutation.sh --module store-postgres` (run under
 MINIBATCH_TEST_STORE=postgres); skipped on SQLite.
 
 Equivalent mutants of postgres.py, which no test can tell apart:
@@ -179,4 +179,28 @@ def test_a_read_does_not_wait_for_another_threads_open_transaction(db_path):
     finally:
         release.set()
         holder.join(timeout=30)
+    store.close()
+
+
+def test_a_claim_skips_an_item_another_transaction_holds_and_does_not_wait_for_it(db_path):
+    """FOR UPDATE SKIP LOCKED: an item row locked elsewhere (another process's claim or
+    outcome in flight) is left to that transaction; the claim takes the others at once."""
+    import psycopg
+
+    url = database(db_path)
+    store = open_pg(url)
+    store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(3)], now=T0,
+                       max_attempts=1)
+    with psycopg.connect(url) as other:  # a transaction open until the block ends
+        (locked,) = other.execute("SELECT seq FROM items ORDER BY seq LIMIT 1"
+                                  " FOR UPDATE").fetchone()
+        claimed: list = []
+        claimer = threading.Thread(target=lambda: claimed.extend(
+            store.items_claim("k", 10, "o", T0, lease_s=30)))
+        claimer.start()
+        claimer.join(timeout=30)
+        assert not claimer.is_alive(), "the claim waited for the locked row"
+        assert sorted(c.seq for c in claimed) == [locked + 1, locked + 2]
+    [last] = store.items_claim("k", 10, "o", T0, lease_s=30)  # the lock is gone
+    assert last.seq == locked
     store.close()
