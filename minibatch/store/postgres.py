@@ -55,6 +55,7 @@ CLOCK_REFRESH_S = 60.0  # how often the offset to the database's clock is measur
 POOL_SIZE = 8  # connections a store may open; one is opened at start, the rest on demand
 POOL_WAIT_S = 1.0  # how long a thread (an event loop's) waits for a connection, then 503
 CONNECT_TIMEOUT_S = 10
+FILE_LINE_TYPES = ["text", "bigint", "text", "bytea", "bytea", "text", "bytea"]  # file_lines
 OPEN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)  # a transaction not ended
 _NUMBERED = re.compile(r"\?(\d+)")
 _IS = re.compile(r"\bIS(\s+NOT)?\s+(\?\d*)")
@@ -329,6 +330,15 @@ class PostgresBase:
         nothing read is reused."""
         self._reads += 1
         return self._reads
+
+    def file_lines_insert(self, file_id: str, lines: list[tuple]) -> None:
+        """COPY, not INSERTs: an uploaded file's lines go in at the server's bulk rate
+        (the upload of 1.7M lines in test_hardening took 66 s with executemany)."""
+        with self._tx() as cur, cur.conn.held() as raw, raw.cursor() as pg, pg.copy(
+                "COPY file_lines FROM STDIN") as copy:
+            copy.set_types(FILE_LINE_TYPES)
+            for line in lines:
+                copy.write_row((file_id, *map(_param, line)))
 
     def items_error_groups(self, batch_seq: int, limit: int) -> list[tuple[str, str, int]]:
         return self._all(
