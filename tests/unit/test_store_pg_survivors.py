@@ -26,6 +26,9 @@ Equivalent mutants of postgres.py, which no test can tell apart:
 - `max(cur.rowcount, 0)` -> `max(..., -1)`: `changes()` is read after an UPDATE or
   DELETE, whose rowcount psycopg always knows.
 - `_clock_offset` starting at 1.0: the first `clock()` measures it.
+- `POOL_SIZE` 8 -> 9, the pool's `num_workers` 1 -> 2, `CONNECT_TIMEOUT_S` 10 -> 11:
+  a limit no test's threads reach, the pool's own background threads, and a timeout
+  that only a server that never answers would show.
 - the midpoint `(before + after) / 2` -> `// 2`: the offset moves by under a second, closer
   than a test can pin an offset measured over a round trip without flaking.
 """
@@ -204,3 +207,12 @@ def test_a_claim_skips_an_item_another_transaction_holds_and_does_not_wait_for_i
     [last] = store.items_claim("k", 10, "o", T0, lease_s=30)  # the lock is gone
     assert last.seq == locked
     store.close()
+
+
+def test_a_closed_store_answers_503_not_a_pool_error(db_path):
+    from minibatch.errors import StorageUnavailable
+
+    store = open_pg(db_path)
+    store.close()
+    with pytest.raises(StorageUnavailable):
+        store.tenant_exists("t")
