@@ -1,5 +1,10 @@
 """The dashboard's reads and sessions on a real SQLite file, under an injected clock:
-errors grouped, a batch's throughput per second, an endpoint's health, and sessions."""
+errors grouped, a batch's throughput per second, an endpoint's health, sessions, and the
+rows the live page polls.
+
+Equivalent mutant of views.py: `endpoint_health`'s `r[0] == "succeeded"` -> `>=`: of the
+statuses a delivery ends with (succeeded, failed), only "succeeded" sorts there.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,16 @@ def test_error_groups_read_only_the_first_failures(db_path, monkeypatch):
     row = submit(store, 6)
     end(store, 6, T0, ["x", "x", "x", "y", "y", "y"])
     assert store.items_error_groups(row.seq, 10) == [("boom", "x", 3), ("boom", "y", 1)]
+
+
+def test_the_live_page_reads_the_rows_of_the_tenants_batches_asked_for(db_path):
+    store = open_store(db_path)
+    first, second = submit(store, 1), submit(store, 2)
+    theirs = store.batch_insert(tenant="other", kind="k", items=[{"input": 0}], now=T0,
+                                max_attempts=1)
+    rows = store.batch_rows([second.id, theirs.id, first.id, "batch_unknown"], "t")
+    assert sorted((r.id, r.total) for r in rows) == sorted([(first.id, 1), (second.id, 2)])
+    assert store.batch_rows([], "t") == []
 
 
 def test_throughput_counts_items_ended_per_second(db_path):
