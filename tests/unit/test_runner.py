@@ -108,10 +108,11 @@ async def test_exceptions_back_off_exponentially(db_path):
     mb.close()
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) == 4
-    # about 0.1, 0.2, 0.4 s with +-20 % jitter: never shorter (the contract); the upper
-    # bound leaves room for a busy machine and still fails the default base of 1 s (>= 3.2)
+    # about 0.1, 0.2, 0.4 s with +-20 % jitter: never shorter (the contract). How much
+    # longer a busy machine makes a gap is not bounded here: the arithmetic is checked
+    # exactly under an injected clock (test_loops_once's backoff tests).
     for gap, base in zip(gaps, (0.1, 0.2, 0.4), strict=True):
-        assert base * 0.8 - 0.005 <= gap <= base * 5 + 0.5, gaps
+        assert base * 0.8 - 0.005 <= gap, gaps
 
 
 async def test_timeout_is_a_failed_attempt_with_code_timeout(mb):
