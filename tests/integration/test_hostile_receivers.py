@@ -91,10 +91,17 @@ async def test_memory_stays_flat_and_items_flow_while_receivers_misbehave(db_pat
                 return batch, elapsed
 
             await hostile_rounds_beside_items()  # warm up allocators and the pool
+            started = time.perf_counter()
+            alone = await mb.wait((await mb.submit(
+                "echo", [{"input": i} for i in range(5000)])).id, timeout=30)
+            alone_s = time.perf_counter() - started  # this machine's pace, no receivers
             before = rss_mib()
             items, items_s = await hostile_rounds_beside_items()
             grown = rss_mib() - before
     mb.close()
     assert items.status == "completed" and items.metrics.succeeded == 5000
-    assert items_s < 10, items_s  # 5,000 no-op items; hung receivers do not hold them up
+    assert alone.status == "completed"
+    # 5,000 no-op items; hung receivers (0.5 s each, dozens of them) do not hold them up:
+    # they take about as long as on their own, at whatever pace this machine has
+    assert items_s < max(10 * alone_s, alone_s + 5), (items_s, alone_s)
     assert grown < 20, f"RSS grew {grown:.1f} MiB over {2 * len(hostile)} hostile deliveries"
