@@ -75,6 +75,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
     ]),
     "handlers": ("minibatch/handlers.py", [
         "tests/unit/test_handlers.py",
+        "tests/unit/test_groups.py",  # group handlers: one call, one outcome per item
         "tests/unit/test_runner.py",
         "tests/unit/test_loops_once.py",
         "tests/unit/test_poison_and_stall.py",
@@ -82,6 +83,7 @@ MAP: dict[str, tuple[str, list[str]]] = {
     "runner": ("minibatch/runner.py", [
         "tests/unit/test_runner_survivors.py",  # the loops' pieces one at a time: fast
         "tests/unit/test_runner.py",
+        "tests/unit/test_groups.py",  # the runner's side of group handlers
         "tests/unit/test_loops_once.py",
         "tests/unit/test_poison_and_stall.py",
     ]),
