@@ -333,8 +333,8 @@ class PostgresBase:
 
     def file_lines_insert(self, file_id: str, lines: list[tuple]) -> None:
         """COPY, not INSERTs: an uploaded file's lines go in at the server's bulk rate
-        (the upload of 1.7M lines in test_hardening took 66 s with executemany)."""
-        with self._tx() as cur, cur.conn.held() as raw, raw.cursor() as pg, pg.copy(
+        (3.8x the shared executemany's lines/s, measured in one run on 2026-12-02)."""
+        with self._tx(), self.conn.held() as raw, raw.cursor() as pg, pg.copy(
                 "COPY file_lines FROM STDIN") as copy:
             copy.set_types(FILE_LINE_TYPES)
             for line in lines:

@@ -77,6 +77,17 @@ async def test_the_heartbeat_keeps_a_long_attempt_from_another_processs_rescuer(
     store.close()
 
 
+async def test_a_runner_starting_leases_its_kinds_for_one_lease(db_path):
+    """recover() leases this process's kinds before it fails the kinds nobody serves:
+    for one lease from now, as its items would be."""
+    clock = [T0]
+    store, here, _, _, _, batch_id = two_runners(db_path, clock)
+    here.recover()
+    assert store.batches_fail_unknown_kinds(["other"], T0 + LEASE - 1) == []
+    assert store.batches_fail_unknown_kinds(["other"], T0 + LEASE) == [batch_id]
+    store.close()
+
+
 async def test_a_runner_leases_its_kinds_on_each_beat_and_none_once_it_drains(db_path):
     clock = [T0]
     store, here, _, _, _, batch_id = two_runners(db_path, clock)
