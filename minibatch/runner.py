@@ -526,17 +526,16 @@ async def pause_after_error(logger: logging.Logger, loop: str) -> None:
     await anyio.sleep(LOOP_ERROR_PAUSE_S)
 
 
-def expire_leases_of(store: Store, gone: Callable[[int], bool]) -> int:
+def expire_leases_of(store: Store, gone: Callable[[int], bool]) -> None:
     """Expire the leases of this host's processes whose pid `gone` names, so their items
     run again at the next rescue rather than when the lease runs out. Owners are
     `host:pid:token` (Runner.owner)."""
-    host, expired = socket.gethostname(), 0
+    host = socket.gethostname()
     for owner in store.lease_owners():
         owner_host, _, rest = owner.partition(":")
         pid = int(rest.partition(":")[0] or 0)
         if owner_host == host and gone(pid):
-            expired += store.leases_expire(owner)
-    return expired
+            store.leases_expire(owner)
 
 
 def _pid_alive(pid: int) -> bool:

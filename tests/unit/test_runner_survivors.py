@@ -17,12 +17,13 @@ import sys
 from collections.abc import Callable
 
 import anyio
+import msgspec
 import pytest
 
 import minibatch
 import minibatch.runner
 from minibatch.config import make_settings
-from minibatch.errors import StorageUnavailable
+from minibatch.errors import StorageUnavailable, StoreBusy
 from minibatch.handlers import Registry, cancelled_outcome
 from minibatch.metrics import Histogram
 from minibatch.runner import KindPool, Runner, _pid_alive
@@ -47,14 +48,16 @@ async def yield_many(n: int = 50) -> None:
 
 
 def build(db_path: str, clock: list[float], *, items: int = 1, concurrency: int = 4,
-          fn: Callable | None = None, latency: Histogram | None = None, **settings
-          ) -> tuple[Store, Runner, KindPool, str]:
+          fn: Callable | None = None, latency: Histogram | None = None,
+          group: int | None = None, **settings) -> tuple[Store, Runner, KindPool, str]:
     """A runner over a real store, reading the test's clock, with kind `k` (registered,
-    its pool in `runner.pools`) and a batch of `items` items of it (if any)."""
+    its pool in `runner.pools`; a group handler if `group`) and a batch of `items` items
+    of it (if any)."""
     store = open_store(db_path)
     registry = Registry()
-    handler = registry.register("k", fn or (lambda item: item.input), concurrency=concurrency,
-                                timeout=None, max_attempts=None)
+    default = (lambda items: [i.input for i in items]) if group else (lambda item: item.input)
+    handler = registry.register("k", fn or default, concurrency=concurrency, timeout=None,
+                                max_attempts=None, group=group)
     settings.setdefault("lease_s", LEASE)
     runner = Runner(store, registry, make_settings(db=db_path, **settings), lambda: clock[0],
                     latency or Histogram())
@@ -540,6 +543,85 @@ async def test_a_fault_in_finishing_an_item_is_raised_as_itself_once(db_path):
     store.close()
 
 
+# -- group handlers ----------
+
+
+async def test_groups_claimed_together_run_on_as_many_workers(db_path):
+    """A worker that takes one group wakes the next for the rest of the deque, as for
+    single items: a group kind's `concurrency` is its calls at once."""
+    mb = minibatch.Minibatch(db_path, poll_interval_s=60)
+    calls, alone = [], []
+    both_started = anyio.Event()
+
+    @mb.handler("g", group=2, concurrency=2, max_attempts=1)
+    async def together(items):
+        calls.append([i.input for i in items])
+        if len(calls) == 2:
+            both_started.set()
+        with anyio.move_on_after(5) as scope:
+            await both_started.wait()
+        alone.append(scope.cancelled_caught)
+        return [i.input for i in items]
+
+    async with mb:
+        batch = await mb.submit("g", [{"input": i} for i in range(4)])  # one claim of 4
+        done = await mb.wait(batch.id, timeout=30)
+    mb.close()
+    assert alone == [False, False] and done.metrics.succeeded == 4
+    assert sorted(len(c) for c in calls) == [2, 2]
+
+
+async def test_a_cancel_does_not_touch_the_outcomes_of_a_group_kind_not_interruptible(
+        db_path):
+    """As for single items: the call was not interrupted, its requests were sent and
+    answered, so the cancelled batch keeps the answers."""
+    mb = minibatch.Minibatch(db_path, poll_interval_s=0.02)
+    started, release = anyio.Event(), anyio.Event()
+
+    @mb.handler("g", group=4, interruptible=False, max_attempts=1)
+    async def firm(items):
+        started.set()
+        with anyio.fail_after(10):
+            await release.wait()
+        return [f"answer {i.input}" for i in items]
+
+    async with mb:
+        batch = await mb.submit("g", [{"input": i} for i in range(3)])
+        with anyio.fail_after(10):
+            await started.wait()
+        await mb.cancel(batch.id)
+        release.set()
+        done = await mb.wait(batch.id, timeout=10)
+        outputs = sorted(r.output for r in [r async for r in mb.results(batch.id)])
+    mb.close()
+    assert (done.status, done.metrics.succeeded, done.metrics.cancelled) == ("cancelled", 3, 0)
+    assert outputs == ["answer 0", "answer 1", "answer 2"]
+
+
+async def test_a_runner_fault_in_a_group_still_gives_each_item_of_it_one_outcome(db_path):
+    """The fault (here the first item's latency sample) is raised, and the items it left
+    without an outcome get the runner's internal error: none keeps its lease."""
+    class BrokenOnce(Histogram):
+        failed = False
+
+        def observe(self, value: float) -> None:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("observe failed")
+            super().observe(value)
+
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=3, group=3, latency=BrokenOnce())
+    assert runner.claim_once(pool) == 3
+    with pytest.raises(RuntimeError, match="observe failed"):
+        await runner._drain_groups(pool)
+    assert not runner.running and pool.in_flight == 0 and not pool.ready
+    codes = [o.error and msgspec.json.decode(o.error)["code"] for o in runner.outcomes]
+    assert codes == [None, "internal_error", "internal_error"]
+    assert [o.status for o in runner.outcomes] == ["succeeded", "queued", "queued"]
+    store.close()
+
+
 # -- completer, heartbeat, rescuer ----------
 
 
@@ -616,6 +698,31 @@ async def test_the_heartbeat_beats_more_than_twice_a_lease(db_path, monkeypatch)
     # more than twice a lease, so a beat a little late still finds its lease; and never
     # a spin, however short the lease
     assert 0 < delay < 1.5 / 2
+    store.close()
+
+
+async def test_a_heartbeat_the_store_was_too_busy_for_is_tried_again_at_once(db_path,
+                                                                            monkeypatch):
+    """Another process held the write lock: the beat is retried in a moment, not a third
+    of a lease later (two busy beats in a row would be as good as a lapsed lease)."""
+    clock = [T0]
+    store, runner, _, _ = build(db_path, clock, lease_s=3.0)
+    real, busy = store.leases_extend, [StoreBusy("locked")]
+
+    def extend(*args, **kwargs):
+        if busy:
+            raise busy.pop()
+        return real(*args, **kwargs)
+
+    store.leases_extend = extend
+    beats = count_calls(runner, "heartbeat_once")
+    sleeps = Sleeps()
+    sleeps.then = lambda delay: stop(delay) if len(sleeps.delays) == 3 else None
+    monkeypatch.setattr(minibatch.runner, "anyio", sleeps)
+    with pytest.raises(Stop):
+        await runner.heartbeat()
+    assert not busy and beats == [2]  # the busy beat, then the one that landed
+    assert sleeps.delays == [1.0, minibatch.runner.BUSY_RETRY_S, 1.0]
     store.close()
 
 
@@ -757,6 +864,26 @@ async def test_the_checkpointer_turns_automatic_checkpoints_off_while_it_runs(
     with pytest.raises(Stop):
         await runner.checkpointer()
     assert seen == [0] and wal_autocheckpoint() == 1000
+    store.close()
+
+
+async def test_the_expirer_ends_the_claimed_items_waiting_past_their_batchs_expiry(db_path):
+    """Claimed, still in the deque behind busy workers: they end `expired` at the
+    expiry, and not a moment before; other batches' items wait on."""
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=0)
+    for expires_at in (T0 + 10, None):
+        store.batch_insert(tenant="t", kind="k", items=[{"input": 1}, {"input": 2}], now=T0,
+                           max_attempts=3, expires_at=expires_at)
+    assert runner.claim_once(pool) == 4
+    clock[0] = T0 + 9.5
+    runner.expire_once()
+    assert len(pool.ready) == 4 and not runner.outcomes
+    clock[0] = T0 + 10
+    runner.expire_once()
+    assert [c.expires_at for c in pool.ready] == [None, None] and pool.in_flight == 2
+    assert [o.status for o in runner.outcomes] == ["expired", "expired"]
+    assert not runner.running
     store.close()
 
 
