@@ -1,7 +1,9 @@
 """`Store`: the one interface the runner, the deliverer, the API and the app use.
 
 Every method is one statement or one transaction of the store behind it; callers never
-see SQL, connections or which database is in use. `SqliteStore` implements it today;
+see SQL, connections or which database is in use. The methods are synchronous; code on an
+event loop calls them through `await store.call(store.method, ...)`, which takes a
+PostgreSQL round trip off the loop. `SqliteStore` implements it today;
 mypy checks that it does (app.py holds a `SqliteStore` as a `Store`). A second store
 (PostgreSQL) implements the same methods with the same guarantees: each write is one
 transaction, and whatever it causes (counters, the terminal transition, webhook rows)
@@ -11,13 +13,15 @@ is written inside it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from .. import models
 from ..models import Batch, Delivery, ItemRecord
 from .endpoints import EndpointRow
 from .rows import BatchRow, Claimed, FileRow, Outcome
 
+P = ParamSpec("P")
+T = TypeVar("T")
 Idempotency = tuple[str, bytes, int, Any]  # (key, body hash, status, response builder)
 
 
@@ -227,6 +231,14 @@ class Store(Protocol):
 
     def clock(self) -> float:
         """Now, by the database's clock (PostgreSQL's; this machine's for SQLite)."""
+        ...
+
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """`fn(*args, **kwargs)` (one store method, or a function of several) as an event
+        loop must call it: where a call is a network round trip (PostgreSQL) it runs in a
+        worker thread, so the loop serves others meanwhile; where it is a local file
+        (SQLite: microseconds, and a thread hop would cost more than the call) it runs at
+        once and never suspends."""
         ...
 
     def another(self) -> Store | None: ...

@@ -22,6 +22,7 @@ meanwhile wins. Reads take no lock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import threading
@@ -29,8 +30,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+import anyio
+import anyio.to_thread
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
@@ -47,6 +50,8 @@ from .pg_schema import PG_MIGRATIONS
 from .retention import RetentionQueries
 from .views import ViewQueries
 
+P = ParamSpec("P")
+T = TypeVar("T")
 WRITE_LOCK = 0x6D62_7772  # "mbwr": the advisory lock every write transaction holds
 MIGRATE_LOCK = 0x6D62_6D67  # "mbmg": held while migrations run
 CHANNEL = "minibatch_work"  # NOTIFY's payload: the kind of a batch just submitted
@@ -262,6 +267,7 @@ class PostgresBase:
         self.webhook_first_delay = webhook_schedule[0]
         self.conn = PgConnection(url)
         self._clock_offset, self._clock_at = 0.0, -CLOCK_REFRESH_S
+        self._limiter: anyio.CapacityLimiter | None = None  # made on the first loop's call
         self.migrate()
 
     # -- the connection ----------
@@ -396,16 +402,32 @@ class PostgresBase:
     def clock(self) -> float:
         """The database's time: this process's clock plus the offset to the server's,
         measured again every CLOCK_REFRESH_S, so leases and schedules agree across
-        machines whose clocks do not."""
-        local = time.time()
+        machines whose clocks do not. `call` measures it in its thread when due, so a
+        busy loop never waits here for the server."""
         if time.monotonic() - self._clock_at >= CLOCK_REFRESH_S:
-            before = time.time()
-            server = self._one("SELECT extract(epoch FROM clock_timestamp())")[0]
-            after = time.time()
-            self._clock_offset = float(server) - (before + after) / 2
-            self._clock_at = time.monotonic()
-            local = after
-        return local + self._clock_offset
+            self._measure_clock()
+        return time.time() + self._clock_offset
+
+    def _measure_clock(self) -> None:
+        before = time.time()
+        server = self._one("SELECT extract(epoch FROM clock_timestamp())")[0]
+        after = time.time()
+        self._clock_offset = float(server) - (before + after) / 2
+        self._clock_at = time.monotonic()
+
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """In a worker thread, at most POOL_SIZE at once (each then finds a connection in
+        the pool without waiting): the loop serves other requests and items during the
+        round trip. A cancel waits for the call to end, as a call on the loop would."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(POOL_SIZE)
+        return await anyio.to_thread.run_sync(
+            functools.partial(self._in_thread, fn, *args, **kwargs), limiter=self._limiter)
+
+    def _in_thread(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if time.monotonic() - self._clock_at >= CLOCK_REFRESH_S:
+            self._measure_clock()
+        return fn(*args, **kwargs)
 
 
 class PostgresStore(PostgresBase, BatchQueries, ItemQueries, DeliveryQueries, AccountQueries,
