@@ -8,9 +8,11 @@ import math
 import msgspec
 import pytest
 
+import minibatch
+import minibatch.handlers
 from minibatch.errors import Fail, InvalidInput, Retry
-from minibatch.handlers import MAX_RETRY_AFTER_S, Handler, _delay, run_attempt
-from minibatch.models import Item, ItemError
+from minibatch.handlers import MAX_RETRY_AFTER_S, Handler, Registry, _delay, run_attempt
+from minibatch.models import MAX_NESTING, Item, ItemError
 from minibatch.store import Claimed
 
 pytestmark = pytest.mark.anyio
@@ -137,3 +139,61 @@ async def test_an_attempt_past_max_attempts_is_the_last_whatever_the_count():
         assert outcome.status == "failed" and error_of(outcome).code == "exception", n
     retried = await attempt(boom, claim(attempt=2, max_attempts=3))
     assert retried.status == "queued"
+
+
+def test_a_kind_is_interruptible_unless_it_says_not():
+    """The contract's default: a cancel interrupts running items; `interruptible=False`
+    (a request already sent is worth its answer) is the exception."""
+    assert Handler("k", noop, concurrency=None, timeout=None, max_attempts=None).interruptible
+    declared = []
+    real = minibatch.handlers.DECLARED[:]
+    try:
+        minibatch.handler("declared")(noop)
+        declared = minibatch.handlers.DECLARED[len(real):]
+    finally:
+        minibatch.handlers.DECLARED[:] = real
+    [(kind, _, limits)] = declared
+    assert kind == "declared" and limits["interruptible"] is True
+
+
+def test_a_group_of_one_is_a_group_handler_of_one_item_per_call():
+    h = Handler("k", noop, concurrency=3, timeout=None, max_attempts=None, group=1)
+    assert (h.group, h.capacity) == (1, 3)
+
+
+def test_an_unknown_kind_names_the_kinds_there_are_or_none():
+    registry = Registry()
+    with pytest.raises(InvalidInput, match=r"handlers for none$"):
+        registry.require("x")
+    registry.register("b", noop, concurrency=None, timeout=None, max_attempts=None)
+    registry.register("a", noop, concurrency=None, timeout=None, max_attempts=None)
+    with pytest.raises(InvalidInput, match=r"handlers for \['a', 'b'\]$"):
+        registry.require("x")
+
+
+def deep(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(("output", "kept"), [
+    ({"status": 502, "body": "bad gateway"}, b'{"status":502,"body":"bad gateway"}'),
+    (deep(MAX_NESTING), msgspec.json.encode(deep(MAX_NESTING))),
+    (None, None),
+    (object(), None),             # TypeError
+    (10 ** 5000, None),           # ValueError: too many digits
+    (deep(100_000), None),        # RecursionError while encoding
+    (deep(MAX_NESTING + 1), None),  # encodes, but deeper than the store reads back
+], ids=["dict", "as-deep-as-allowed", "none", "object", "huge-int", "recursion", "too-deep"])
+async def test_a_fail_keeps_its_output_when_it_is_storable_json_and_drops_it_if_not(
+        output, kept):
+    """The failure is what matters: an output that cannot be stored is dropped, and the
+    item still fails with its own code."""
+    async def fail(item):
+        raise Fail("upstream said no", code="upstream", output=output)
+
+    failed = await attempt(fail)
+    assert failed.status == "failed" and error_of(failed).code == "upstream"
+    assert failed.output == kept
