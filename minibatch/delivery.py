@@ -3,7 +3,8 @@ the next one; and the destination guard that refuses private addresses.
 
 Runs beside the item loops in the same task group but shares nothing with them except
 the database, so a slow or dead receiver never slows items. Attempts are written in
-groups by the recorder, as the completer writes item outcomes.
+groups by the recorder, as the completer writes item outcomes. Every store call goes
+through `store.call` (a worker thread on PostgreSQL), one at a time (`_store_turn`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import math
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import NamedTuple
 
 import aiohttp
@@ -170,6 +172,7 @@ class Deliverer:
         self.slot_free = anyio.Event()
         self.session: aiohttp.ClientSession | None = None
         self.closing = False
+        self._in_store: anyio.Event | None = None  # a store call under way; set at its end
 
     async def run(self, task_group: anyio.abc.TaskGroup) -> None:
         s = self.settings
@@ -195,7 +198,7 @@ class Deliverer:
         self.closing = True
         self._sends.cancel_scope.cancel()
         await anyio.sleep(0)
-        self._flush()
+        await self._flush()
         if self.session is not None:
             await self.session.close()
 
@@ -204,7 +207,7 @@ class Deliverer:
     async def claimer(self) -> None:
         while True:
             try:
-                started = self.deliver_once()
+                started = await self.deliver_once()
             except StorageUnavailable:
                 await anyio.sleep(1.0)
                 continue
@@ -217,27 +220,67 @@ class Deliverer:
             elif not started:
                 await anyio.sleep(self.settings.poll_interval_s / 2)
 
-    def deliver_once(self) -> int:
-        """Claim due deliveries for the free slots and start sending them."""
+    async def deliver_once(self) -> int:
+        """Claim due deliveries for the free slots and start sending them.
+
+        One store call: the attempts not yet recorded, the claim, the signing secrets.
+        Sends only end while it is under way, so `room` still fits; but a close may have
+        begun: then nothing is sent, and the deliveries claimed are due again once their
+        lease passes, as an attempt cut short is."""
         room = self.settings.webhook_concurrency - self.in_flight
         if room <= 0 or self.closing:
             return 0
-        # Attempts not yet recorded go first: a 410 among them ends the batch's other
-        # pending deliveries to that URL, which this claim must then not send.
-        self._flush()
-        lease = self.settings.webhook_timeout_s + LEASE_MARGIN_S
-        due = self.store.deliveries_claim(self.now(), room, lease)
-        # Signed with the tenant's secrets, or those of the webhook endpoint it goes to.
-        keys_of: dict[tuple[str, str | None], tuple[str | None, list[bytes]]] = {}
+        store, lease = self.store, self.settings.webhook_timeout_s + LEASE_MARGIN_S
+        recorded = False
+
+        def claim(records: list[AttemptRecord], now: float
+                  ) -> tuple[list[tuple], dict[tuple[str, str | None], list]]:
+            nonlocal recorded
+            # Attempts not yet recorded go first: a 410 among them ends the batch's other
+            # pending deliveries to that URL, which this claim must then not send.
+            if records:
+                store.deliveries_record(records)
+            recorded = True
+            due = store.deliveries_claim(now, room, lease)
+            # Signed with the tenant's secrets, or those of the webhook endpoint it goes to.
+            active: dict[tuple[str, str | None], list] = {}
+            for row in due:
+                owner = (row[2], row[9])
+                if owner not in active:
+                    active[owner] = store.secrets_active(owner[0], now, owner[1])
+            return due, active
+
+        async with self._store_turn():
+            records, self.records = self.records, []
+            try:
+                due, active = await self.store.call(claim, records, self.now())
+            except BaseException:
+                if not recorded:
+                    self.records[:0] = records
+                raise
+        if self.closing:
+            return 0
+        keys_of = {owner: (secrets[0][0] if secrets else None,
+                           [signing.secret_key(s) for _, s in secrets])
+                   for owner, secrets in active.items()}
         for row in due:
-            owner = (row[2], row[9])
-            if owner not in keys_of:
-                active = self.store.secrets_active(owner[0], self.now(), owner[1])
-                keys_of[owner] = (active[0][0] if active else None,
-                                  [signing.secret_key(s) for _, s in active])
             self.in_flight += 1
-            self._sends.start_soon(self._send, row, *keys_of[owner])
+            self._sends.start_soon(self._send, row, *keys_of[row[2], row[9]])
         return len(due)
+
+    @asynccontextmanager
+    async def _store_turn(self) -> AsyncIterator[None]:
+        """The deliverer's store calls one at a time: a claim must come after every
+        attempt recorded before it (a 410 ends other deliveries to its URL), as it did
+        when the calls ran on the loop. Free, the turn is taken without suspending."""
+        while self._in_store is not None:
+            await self._in_store.wait()
+        self._in_store = ended = anyio.Event()
+        try:
+            yield
+        finally:
+            self._in_store = None
+            ended.set()
 
     # -- one attempt ----------
 
@@ -305,7 +348,7 @@ class Deliverer:
             await self.record_ready.wait()
             self.record_ready = anyio.Event()
             try:
-                self._flush()
+                await self._flush()
             except StorageUnavailable:
                 self.record_ready.set()
                 await anyio.sleep(1.0)
@@ -313,14 +356,17 @@ class Deliverer:
                 self.record_ready.set()
                 await pause_after_error(log, "attempt recorder")
 
-    def _flush(self) -> None:
-        if self.records:
-            records, self.records = self.records, []
-            try:
-                self.store.deliveries_record(records)
-            except BaseException:
-                self.records[:0] = records
-                raise
+    async def _flush(self) -> None:
+        """Record the attempts gathered so far; those of a failed write go back before
+        the ones gathered meanwhile."""
+        async with self._store_turn():
+            if self.records:
+                records, self.records = self.records, []
+                try:
+                    await self.store.call(self.store.deliveries_record, records)
+                except BaseException:
+                    self.records[:0] = records
+                    raise
 
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:

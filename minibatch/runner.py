@@ -3,7 +3,15 @@ heartbeat, canceller, rescuer, expirer, and the WAL checkpointer.
 
 Items flow claimer -> per-kind deque -> worker tasks -> outcome list -> completer, which
 writes outcomes in groups, one transaction per group. No loop touches SQL directly; each
-calls one store method per pass. Each loop is a thin `while` around a `..._once()`.
+makes one `store.call` per pass (a store method, or a few in a row), which on PostgreSQL
+runs in a worker thread while the loop serves the items. Each loop is a thin `while`
+around a `..._once()`.
+
+A store call may suspend, so whatever a pass read of the runner's state before its call
+may have changed when it returns: the deques, `stopping`, the outcomes. The runner's state
+changes on the event loop only, never in the call's thread; each `..._once()` says what
+it reads again after its call. `drain` waits for the calls under way (`_call`) before it
+hands items back.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import ParamSpec, TypeVar
 
 import anyio
 
@@ -33,6 +42,8 @@ from .handlers import (
 from .metrics import Histogram
 from .store import Claimed, Outcome, Store
 
+P = ParamSpec("P")
+T = TypeVar("T")
 log = logging.getLogger("minibatch.runner")
 STORAGE_RETRY_S = 1.0
 # Another process holds the write lock (a store that does not wait for it): try again
@@ -122,22 +133,31 @@ class Runner:
         # a little, so its outcomes go in fewer, larger transactions and the others (the
         # API's writes) find the lock free more often.
         self.write_gap_s = 0.0
+        self._calls = 0  # store calls under way that began before `stopping` (`_call`)
+        self._calls_ended = anyio.Event()  # set when `_calls` drops to 0
+        self._writing: anyio.Event | None = None  # a write of outcomes under way; set at its end
 
     # -- start and stop ----------
 
-    def recover(self) -> None:
+    async def recover(self) -> None:
         """At start-up: take back the items of dead processes, and fail the kinds that no
         live process serves. This one's kinds are leased first; another process starting
         in the same instant with other kinds may not have leased its own yet, and its
         batches queued before then could be failed here."""
-        now = self.now()
-        expire_leases_of(self.store, lambda pid: pid != os.getpid() and not _pid_alive(pid))
-        self.store.leases_extend(self.owner, now + self.settings.lease_s, self._kinds_served())
-        self.store.items_rescue(now)
-        self.store.batches_fail_unknown_kinds(self.registry.handlers, now)
+        store, owner, now = self.store, self.owner, self.now()
+        until, kinds = now + self.settings.lease_s, self._kinds_served()
+        known = self.registry.handlers
+
+        def take_back() -> None:  # four calls, one thread hop
+            expire_leases_of(store, lambda pid: pid != os.getpid() and not _pid_alive(pid))
+            store.leases_extend(owner, until, kinds)
+            store.items_rescue(now)
+            store.batches_fail_unknown_kinds(known, now)
+
+        await self._call(take_back)
 
     async def run(self, task_group: anyio.abc.TaskGroup) -> None:
-        self.recover()
+        await self.recover()
         for handler in self.registry.handlers.values():
             pool = self.pools[handler.kind] = KindPool(handler)
             task_group.start_soon(self.claimer, pool)
@@ -163,12 +183,33 @@ class Runner:
         with anyio.move_on_after(grace_s):
             while any(p.in_flight for p in self.pools.values()):
                 await anyio.sleep(0.01)
-        self._flush_until_written()
-        self.store.items_release(self.owner, self.now())
+        # The calls begun before `stopping` end first: a claim's items (kept out of the
+        # deque now) are this owner's to hand back, and a beat's lease on the kinds must
+        # not land after items_release dropped them. Those begun since lease nothing: no
+        # claim starts, and `_kinds_served` is empty. A write of outcomes under way is
+        # waited for by the flush (one write at a time), so it lands before the release.
+        while self._calls:
+            self._calls_ended = anyio.Event()
+            await self._calls_ended.wait()
+        await self._flush_until_written()
+        await self.store.call(self.store.items_release, self.owner, self.now())
 
-    def _flush_until_written(self) -> None:
+    async def _call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """`store.call` for the loops. One begun before `stopping` is counted while under
+        way, for `drain` to wait for; one begun since leases nothing, and is not."""
+        if self.stopping:
+            return await self.store.call(fn, *args, **kwargs)
+        self._calls += 1
         try:
-            self.complete_once()
+            return await self.store.call(fn, *args, **kwargs)
+        finally:
+            self._calls -= 1
+            if not self._calls:
+                self._calls_ended.set()
+
+    async def _flush_until_written(self) -> None:
+        try:
+            await self.complete_once()
         except StorageUnavailable:
             log.warning("could not write %d outcomes at shutdown; their items run again",
                         len(self.outcomes))
@@ -208,7 +249,7 @@ class Runner:
     async def claimer(self, pool: KindPool) -> None:
         while not self.stopping:
             try:
-                claimed = self.claim_once(pool)
+                claimed = await self.claim_once(pool)
             except StoreBusy:
                 await anyio.sleep(BUSY_RETRY_S)
                 continue
@@ -228,13 +269,20 @@ class Runner:
             else:
                 await anyio.sleep(0)
 
-    def claim_once(self, pool: KindPool) -> int:
-        """Claim as many due items as the kind has free slots (at most claim_size)."""
+    async def claim_once(self, pool: KindPool) -> int:
+        """Claim as many due items as the kind has free slots (at most claim_size).
+
+        While the claim is under way, slots can only free up (this is the kind's one
+        claimer), so `room` still fits; but the runner may have begun to drain: then the
+        claimed items stay out of the deque, leased to this owner, and `drain`, which
+        waits for this call, hands them back with the rest."""
         room = min(pool.free, self.settings.claim_size)
         if room <= 0 or self.stopping:
             return 0
-        claimed = self.store.items_claim(pool.handler.kind, room, self.owner, self.now(),
-                                         self.settings.lease_s)
+        claimed = await self._call(self.store.items_claim, pool.handler.kind, room,
+                                   self.owner, self.now(), self.settings.lease_s)
+        if self.stopping:
+            return 0
         if claimed:
             pool.in_flight += len(claimed)
             pool.ready.extend(claimed)
@@ -386,7 +434,7 @@ class Runner:
             await self.outcome_ready.wait()
             self.outcome_ready = anyio.Event()
             try:
-                self.complete_once()
+                await self.complete_once()
                 if self.write_gap_s:
                     await anyio.sleep(self.write_gap_s)  # outcomes gather meanwhile
             except StoreBusy:
@@ -399,21 +447,32 @@ class Runner:
                 self.outcome_ready.set()  # outcomes are kept here too
                 await self._pause_after_error("completer")
 
-    def complete_once(self) -> int:
+    async def complete_once(self) -> int:
         """Write every outcome gathered so far in one transaction, then wake the claimers
         of the kinds written: a finished item frees a slot of its batch's `concurrency`
         cap (a capped batch must not wait a poll interval for its next item), and a retry
-        may be due at once."""
+        may be due at once.
+
+        One write at a time: drain's last one waits for the completer's under way, so
+        every outcome gathered before it is written before drain hands the items back.
+        Outcomes gathered during a write wait for the next; a failed write's go back
+        before them."""
+        while self._writing is not None:
+            await self._writing.wait()
         if not self.outcomes:
             return 0
         outcomes, self.outcomes = self.outcomes, []
         finished, self.finished = self.finished, set()
+        self._writing = written = anyio.Event()
         try:
-            self.store.items_finish(outcomes, self.owner, self.now())
+            await self._call(self.store.items_finish, outcomes, self.owner, self.now())
         except BaseException:
             self.outcomes[:0] = outcomes
             self.finished |= finished
             raise
+        finally:
+            self._writing = None
+            written.set()
         for pool in finished:
             pool.wake.set()
         return len(outcomes)
@@ -423,7 +482,7 @@ class Runner:
             await anyio.sleep(self.settings.lease_s / 3)
             while True:
                 try:
-                    self.heartbeat_once()
+                    await self.heartbeat_once()
                 except StoreBusy:
                     await anyio.sleep(BUSY_RETRY_S)  # a lease must not lapse for that
                     continue
@@ -433,29 +492,44 @@ class Runner:
                     await self._pause_after_error("heartbeat")
                 break
 
-    def heartbeat_once(self) -> None:
-        """Extend this process's leases; interrupt items of batches cancelled elsewhere."""
-        self.store.leases_extend(self.owner, self.now() + self.settings.lease_s,
-                                 self._kinds_served())
-        self.cancel_once()
+    async def heartbeat_once(self) -> None:
+        """Extend this process's leases; interrupt items of batches cancelled elsewhere
+        (as `cancel_once`, in the same store call)."""
+        store, owner, asked = self.store, self.owner, self._batches_to_ask()
+        until, kinds = self.now() + self.settings.lease_s, self._kinds_served()
+
+        def beat() -> list[int]:
+            store.leases_extend(owner, until, kinds)
+            return store.batches_cancelling(asked)
+
+        for batch_seq in await self._call(beat):
+            self.cancel_local(batch_seq)
 
     async def canceller(self) -> None:
         """A cancel made in another process (the API's, or another worker's) reaches this
         one's running items within a poll interval: a read, and only while items run."""
         await self._every(self.settings.poll_interval_s, self.cancel_once, "canceller")
 
-    def cancel_once(self) -> None:
+    async def cancel_once(self) -> None:
         """Interrupt this process's running items of batches cancelled anywhere; those
-        claimed and waiting in a deque then never start (`_ended_before_start`)."""
+        claimed and waiting in a deque then never start (`_ended_before_start`). The
+        batches are those held before the call; `cancel_local` reaches whichever of
+        their items run when it returns (one claimed meanwhile is asked next pass)."""
+        cancelling = await self._call(self.store.batches_cancelling, self._batches_to_ask())
+        for batch_seq in cancelling:
+            self.cancel_local(batch_seq)
+
+    def _batches_to_ask(self) -> set[int]:
+        """The batches with items running or waiting here, not yet known cancelled (none:
+        the store asks nothing)."""
         held = {b for b, _ in self.running.values()}
         held.update(c.batch_seq for pool in self.pools.values() for c in pool.ready)
-        for batch_seq in self.store.batches_cancelling(held - self.cancelled):  # none: no query
-            self.cancel_local(batch_seq)
+        return held - self.cancelled
 
     async def rescuer(self) -> None:
         await self._every(max(self.settings.lease_s / 2, 0.05), self.rescue_once, "rescuer")
 
-    def rescue_once(self) -> int:
+    async def rescue_once(self) -> int:
         """Put other processes' items whose lease expired back in the queue (or fail them).
 
         This process's own leases are extended first and never rescued here: its items
@@ -463,10 +537,14 @@ class Runner:
         long synchronous call), this pass may well run before the heartbeat's; rescuing
         then would start a second run of an item whose first run is still going.
         """
-        now = self.now()
-        self.store.leases_extend(self.owner, now + self.settings.lease_s,
-                                 self._kinds_served())
-        return self.store.items_rescue(now, except_owner=self.owner)
+        store, owner, now = self.store, self.owner, self.now()
+        until, kinds = now + self.settings.lease_s, self._kinds_served()
+
+        def rescue() -> int:  # both in one thread hop, in this order
+            store.leases_extend(owner, until, kinds)
+            return store.items_rescue(now, except_owner=owner)
+
+        return await self._call(rescue)
 
     def _kinds_served(self) -> Iterable[str]:
         """The kinds this process leases: none once it drains (items_release dropped
@@ -476,24 +554,26 @@ class Runner:
     async def expirer(self) -> None:
         await self._every(EXPIRY_INTERVAL_S, self.expire_once, "expirer")
 
-    async def _every(self, interval_s: float, step: Callable[[], object], loop: str) -> None:
+    async def _every(self, interval_s: float, step: Callable[[], Awaitable[object]],
+                     loop: str) -> None:
         """Run `step` every `interval_s`: after a storage fault the next pass does its work;
         any other error is logged and the loop goes on."""
         while True:
             await anyio.sleep(interval_s)
             try:
-                step()
+                await step()
             except StorageUnavailable:
                 pass
             except Exception:
                 await self._pause_after_error(loop)
 
-    def expire_once(self) -> int:
+    async def expire_once(self) -> int:
         """End the items not started of batches past their `expires_at` (`expired`): those
         queued in the store, and those this process claimed that still wait in a deque,
-        whose workers may be busy for long yet (as a cancel reaches them)."""
+        whose workers may be busy for long yet (as a cancel reaches them). The deques are
+        read after the store call, as they are then."""
         now = self.now()
-        expired = len(self.store.batches_expire(now))
+        expired = len(await self._call(self.store.batches_expire, now))
         for pool in self.pools.values():
             for claimed in [c for c in pool.ready
                             if c.expires_at is not None and now >= c.expires_at]:
@@ -529,7 +609,8 @@ async def pause_after_error(logger: logging.Logger, loop: str) -> None:
 def expire_leases_of(store: Store, gone: Callable[[int], bool]) -> None:
     """Expire the leases of this host's processes whose pid `gone` names, so their items
     run again at the next rescue rather than when the lease runs out. Owners are
-    `host:pid:token` (Runner.owner)."""
+    `host:pid:token` (Runner.owner). Store calls only: a loop calls it whole through
+    `store.call`."""
     host = socket.gethostname()
     for owner in store.lease_owners():
         owner_host, _, rest = owner.partition(":")

@@ -86,7 +86,7 @@ class WorkerPool:
                         process.pid, code)
             dead = process.pid
             try:
-                expire_leases_of(self.store, dead.__eq__)
+                await self.store.call(expire_leases_of, self.store, dead.__eq__)
             except Exception:  # the new worker's start-up expires them too
                 log.exception("could not hand back the items of worker pid %d", dead)
             delay = RESTART_MIN_S if time.monotonic() - started > STABLE_S else delay

@@ -375,18 +375,18 @@ async def test_slots_claims_never_exceed_the_free_slots_and_a_full_deliverer_ask
         claims = calls_of(store, "deliveries_claim")
         async with sending(store, clock, webhook_concurrency=4) as d:
             assert d.in_flight == 0
-            assert d.deliver_once() == 4
+            assert await d.deliver_once() == 4
             assert d.in_flight == 4
             await until(lambda: len(rx.requests) == 4)
-            assert d.deliver_once() == 0
+            assert await d.deliver_once() == 0
             assert len(claims) == 1  # no room: the store is not asked
             rx.let_one()
             await until(lambda: d.records)
             assert d.in_flight == 3
-            assert d.deliver_once() == 1
+            assert await d.deliver_once() == 1
             assert d.in_flight == 4 and len(claims) == 2
             await until(lambda: len(rx.requests) == 5)
-            assert d.deliver_once() == 0 and len(claims) == 2
+            assert await d.deliver_once() == 0 and len(claims) == 2
     store.close()
 
 
@@ -408,7 +408,7 @@ async def test_a_claimed_delivery_is_due_again_5_s_after_its_timeout(db_path):
     with Gated() as rx:
         due_deliveries(store, 1, rx.url)
         async with sending(store, clock, webhook_timeout_s=10) as d:
-            assert d.deliver_once() == 1
+            assert await d.deliver_once() == 1
             await until(lambda: d.records)  # attempted, not recorded: as if it died
             assert store.deliveries_claim(T0 + 15 - 0.001, 10, 30) == []
             assert len(store.deliveries_claim(T0 + 15, 10, 30)) == 1
@@ -421,7 +421,7 @@ async def test_an_attempts_time_is_measured_and_a_success_schedules_nothing(db_p
         due_deliveries(store, 1, rx.url)
         async with sending(store, clock) as d:
             started = time.perf_counter()
-            assert d.deliver_once() == 1
+            assert await d.deliver_once() == 1
             await until(lambda: d.records)
             span_ms = (time.perf_counter() - started) * 1000
             [record] = d.records
@@ -438,7 +438,7 @@ async def test_after_close_nothing_is_claimed_or_sent(db_path):
             await d.close()
             assert d.session.closed
             due_deliveries(store, 1, rx.url)
-            assert d.deliver_once() == 0
+            assert await d.deliver_once() == 0
             assert len(store.deliveries_claim(T0, 10, 30)) == 1  # still due, unleased
     assert rx.requests == []
     store.close()
@@ -495,7 +495,7 @@ async def test_the_recorder_keeps_attempts_through_a_failed_write(db_path, caplo
         batch_seq = due_deliveries(store, 1, rx.url)
         writes = calls_of(store, "deliveries_record", error)
         async with sending(store, clock) as d, loop_of(d.recorder) as ended:
-            assert d.deliver_once() == 1
+            assert await d.deliver_once() == 1
             await until(lambda: len(writes) >= 2 or ended.is_set())
             assert not ended.is_set()
     [delivery] = deliveries(store, batch_seq)

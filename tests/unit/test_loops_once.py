@@ -67,11 +67,11 @@ def two_runners(db_path: str, clock: list[float], max_attempts: int = 3
 async def test_the_heartbeat_keeps_a_long_attempt_from_another_processs_rescuer(db_path):
     clock = [T0]
     store, here, there, pool, _, batch_id = two_runners(db_path, clock)
-    assert here.claim_once(pool) == 1
+    assert await here.claim_once(pool) == 1
     for _ in range(6):  # 6 heartbeats, 2/3 of a lease apart: 4 leases in all
         clock[0] += LEASE * 2 / 3
-        here.heartbeat_once()
-        assert there.rescue_once() == 0, "a live process's item was taken by another"
+        await here.heartbeat_once()
+        assert await there.rescue_once() == 0, "a live process's item was taken by another"
     [item] = items_of(store, batch_id)
     assert (item.status, item.attempts) == ("running", 1)
     store.close()
@@ -82,7 +82,7 @@ async def test_a_runner_starting_leases_its_kinds_for_one_lease(db_path):
     for one lease from now, as its items would be."""
     clock = [T0]
     store, here, _, _, _, batch_id = two_runners(db_path, clock)
-    here.recover()
+    await here.recover()
     assert store.batches_fail_unknown_kinds(["other"], T0 + LEASE - 1) == []
     assert store.batches_fail_unknown_kinds(["other"], T0 + LEASE) == [batch_id]
     store.close()
@@ -91,15 +91,15 @@ async def test_a_runner_starting_leases_its_kinds_for_one_lease(db_path):
 async def test_a_runner_leases_its_kinds_on_each_beat_and_none_once_it_drains(db_path):
     clock = [T0]
     store, here, _, _, _, batch_id = two_runners(db_path, clock)
-    here.heartbeat_once()
+    await here.heartbeat_once()
     clock[0] += LEASE * 2 / 3
-    here.rescue_once()  # a beat: kind `k`'s lease now runs to 2/3 + 1 lease from T0
+    await here.rescue_once()  # a beat: kind `k`'s lease now runs to 2/3 + 1 lease from T0
     clock[0] += LEASE * 2 / 3
     assert store.batches_fail_unknown_kinds(["other"], clock[0]) == []  # still served
     here.stopping = True  # draining: its beats lease no kind
     store.items_release(here.owner, clock[0])
-    here.heartbeat_once()
-    here.rescue_once()
+    await here.heartbeat_once()
+    await here.rescue_once()
     assert store.batches_fail_unknown_kinds(["other"], clock[0]) == [batch_id]
     store.close()
 
@@ -108,21 +108,21 @@ async def test_an_expired_lease_is_rescued_with_the_attempt_counted_and_the_late
         db_path):
     clock = [T0]
     store, here, there, pool, there_pool, batch_id = two_runners(db_path, clock)
-    assert here.claim_once(pool) == 1
+    assert await here.claim_once(pool) == 1
     first = pool.ready.popleft()
     clock[0] += LEASE - 1
-    assert there.rescue_once() == 0  # not expired yet
+    assert await there.rescue_once() == 0  # not expired yet
     clock[0] += 2  # `here` stopped beating: its lease has passed
-    assert there.rescue_once() == 1
+    assert await there.rescue_once() == 1
     [item] = items_of(store, batch_id)
     assert (item.status, item.attempts, item.error.code) == ("queued", 1, "lease_expired")
     assert item.next_attempt_at is not None and seconds_after(item.next_attempt_at, clock[0]) == 0
     # The first run's outcome arrives late: its lease is gone, so it is not written.
     here.outcomes.append(Outcome(first.seq, first.batch_seq, first.token, "succeeded", b"1",
                                  None, 0.0))
-    here.complete_once()
+    await here.complete_once()
     assert items_of(store, batch_id)[0].status == "queued"
-    assert there.claim_once(there_pool) == 1
+    assert await there.claim_once(there_pool) == 1
     assert there_pool.ready[0].item.attempt == 2  # the lost attempt was counted
     store.close()
 
@@ -130,9 +130,9 @@ async def test_an_expired_lease_is_rescued_with_the_attempt_counted_and_the_late
 async def test_rescuing_the_last_attempt_fails_the_item_and_ends_the_batch(db_path):
     clock = [T0]
     store, here, there, pool, _, batch_id = two_runners(db_path, clock, max_attempts=1)
-    assert here.claim_once(pool) == 1
+    assert await here.claim_once(pool) == 1
     clock[0] += LEASE + 1
-    assert there.rescue_once() == 1
+    assert await there.rescue_once() == 1
     [item] = items_of(store, batch_id)
     assert (item.status, item.attempts, item.error.code) == ("failed", 1, "lease_expired")
     assert item.next_attempt_at is None
@@ -273,7 +273,7 @@ async def test_expiry_ends_items_not_started_and_the_batch_once_running_ones_fin
     row = store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(4)],
                              now=clock[0], max_attempts=3, expires_at=T0 + 60,
                              webhook=minibatch.models.WebhookIn("http://127.0.0.1:9/h"))
-    here.claim_once(pool)  # four items claimed: two will finish, one retries, one runs on
+    await here.claim_once(pool)  # four items claimed: two will finish, one retries, one runs on
     first, second, third, fourth = [pool.ready.popleft() for _ in range(4)]
     store.items_finish([Outcome(first.seq, first.batch_seq, first.token, "succeeded", b"1",
                                 None, 0.0)], here.owner, clock[0])
@@ -282,19 +282,19 @@ async def test_expiry_ends_items_not_started_and_the_batch_once_running_ones_fin
     assert (batch.metrics.queued, batch.metrics.succeeded) == (3, 1)
 
     clock[0] = T0 + 59.9
-    assert here.expire_once() == 0  # not yet
+    assert await here.expire_once() == 0  # not yet
     pool.in_flight = 0  # the items were handed back above, not through a worker
-    here.claim_once(pool)
+    await here.claim_once(pool)
     running = [pool.ready.popleft() for _ in range(3)]
     store.items_finish([Outcome(running[0].seq, running[0].batch_seq, running[0].token,
                                 "queued", None, b'{"code":"x","message":"y"}', T0 + 61)],
                        here.owner, clock[0])
     clock[0] = T0 + 60
-    assert here.expire_once() == 1
+    assert await here.expire_once() == 1
     batch = store.batch_get(row.id)
     assert batch.status == "running"  # two items still run
     assert (batch.metrics.expired, batch.metrics.running) == (1, 2)
-    assert here.expire_once() == 0  # once
+    assert await here.expire_once() == 0  # once
     store.items_finish([Outcome(running[1].seq, running[1].batch_seq, running[1].token,
                                 "succeeded", b"2", None, 0.0),
                         Outcome(running[2].seq, running[2].batch_seq, running[2].token,
@@ -325,21 +325,21 @@ async def test_a_claimed_item_that_waited_past_its_batchs_expiry_or_cancel_never
     pool = KindPool(handler)
     expiring = store.batch_insert(tenant="t", kind="k", items=[{"input": 1}, {"input": 2}],
                                   now=T0, max_attempts=3, expires_at=T0 + 10)
-    assert runner.claim_once(pool) == 2  # one for the worker and one waiting: a group
+    assert await runner.claim_once(pool) == 2  # one for the worker and one waiting: a group
     clock[0] = T0 + 10
     await runner._drain(pool)
     assert calls == []
-    runner.complete_once()
+    await runner.complete_once()
     batch = store.batch_get(expiring.id)
     assert (batch.status, batch.metrics.expired) == ("expired", 2)
 
     cancelled = store.batch_insert(tenant="t", kind="k", items=[{"input": 3}, {"input": 4}],
                                    now=clock[0], max_attempts=3)
-    assert runner.claim_once(pool) == 2
+    assert await runner.claim_once(pool) == 2
     store.batch_cancel(cancelled.id, None, clock[0])  # what Minibatch.cancel does
     runner.cancel_local(cancelled.seq)
     await runner._drain(pool)
     assert calls == []
-    runner.complete_once()
+    await runner.complete_once()
     batch = store.batch_get(cancelled.id)
     assert (batch.status, batch.metrics.cancelled) == ("cancelled", 2)

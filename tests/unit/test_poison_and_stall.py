@@ -191,10 +191,10 @@ async def test_a_stall_past_the_lease_does_not_start_a_second_run_of_a_live_item
         batch = await mb.submit("slow", [{"input": 1}])
         await until(lambda: runs)
         clock[0] += mb.settings.lease_s + 10  # the loop stalled; no heartbeat ran meanwhile
-        assert mb.runner.rescue_once() == 0
+        assert await mb.runner.rescue_once() == 0
         assert mb.store.items_rescue(clock[0]) == 0  # its lease was extended: another
         # process's rescuer, running now, would not take it either
-        assert mb.runner.claim_once(mb.runner.pools["slow"]) == 0  # nothing to run twice
+        assert await mb.runner.claim_once(mb.runner.pools["slow"]) == 0  # nothing to run twice
         release.set()
         done = await mb.wait(batch.id, timeout=10)
         results = [r async for r in mb.results(batch.id)]

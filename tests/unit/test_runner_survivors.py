@@ -47,6 +47,16 @@ async def yield_many(n: int = 50) -> None:
         await anyio.sleep(0)
 
 
+async def settle(runner: Runner, n: int = 50) -> None:
+    """`yield_many`, and then, while one of the runner's store calls is under way (on
+    PostgreSQL it runs in a thread, and takes time), wait for it and do so again: every
+    pass a loop would make now has been made."""
+    await yield_many(n)
+    while runner._calls:
+        await until(lambda: not runner._calls)
+        await yield_many(n)
+
+
 def build(db_path: str, clock: list[float], *, items: int = 1, concurrency: int = 4,
           fn: Callable | None = None, latency: Histogram | None = None,
           group: int | None = None, **settings) -> tuple[Store, Runner, KindPool, str]:
@@ -144,11 +154,11 @@ async def test_recover_takes_back_the_items_of_dead_processes_of_this_host_only(
         for name, (owner, _) in owners.items():
             runner.owner = owner
             pool = KindPool(runner.registry.handlers["k"])
-            assert runner.claim_once(pool) == 1
+            assert await runner.claim_once(pool) == 1
             seqs[name] = pool.ready[0].seq
         recovering = Runner(store, runner.registry, runner.settings, lambda: clock[0],
                             Histogram())
-        recovering.recover()
+        await recovering.recover()
         after = statuses(store)
         assert {name: after[seqs[name]] for name in owners} == {
             name: (status, 1) for name, (_, status) in owners.items()}
@@ -183,13 +193,13 @@ def test_a_process_that_may_not_be_signalled_is_alive(monkeypatch):
 async def test_drain_hands_back_items_not_started_and_stops_claiming(db_path):
     clock = [T0]
     store, runner, pool, _ = build(db_path, clock, items=3)
-    assert runner.claim_once(pool) == 3  # claimed, waiting in the deque: no worker runs
+    assert await runner.claim_once(pool) == 3  # claimed, waiting in the deque: no worker runs
     with anyio.fail_after(10):
         await runner.drain(grace_s=0.5)
     assert not pool.ready and pool.in_flight == 0
     assert pool.wake.is_set()  # the claimer wakes to see it must stop
     assert set(statuses(store).values()) == {("queued", 0)}  # handed back, not counted
-    assert runner.claim_once(pool) == 0  # a late pass of the claimer takes nothing
+    assert await runner.claim_once(pool) == 0  # a late pass of the claimer takes nothing
     assert set(statuses(store).values()) == {("queued", 0)}
     store.close()
 
@@ -213,7 +223,7 @@ async def test_drain_hands_items_back_even_when_their_outcomes_cannot_be_written
         db_path, caplog):
     clock = [T0]
     store, runner, pool, _ = build(db_path, clock, items=2)
-    assert runner.claim_once(pool) == 2
+    assert await runner.claim_once(pool) == 2
     done = pool.ready.popleft()
     runner.outcomes.append(Outcome(done.seq, done.batch_seq, done.token, "succeeded", b"1",
                                    None, 0.0))
@@ -276,15 +286,15 @@ async def test_claim_once_takes_no_more_than_the_free_slots_and_nothing_when_sto
     pool.in_flight = 1
     assert pool.free == room - 1  # one slot per item claimed and not finished
     pool.in_flight = 0
-    assert runner.claim_once(pool) == room
+    assert await runner.claim_once(pool) == room
     assert (pool.free, len(pool.ready)) == (0, room)
     calls = count_calls(store, "items_claim")
-    assert runner.claim_once(pool) == 0  # full: it claims nothing, and asks nothing
+    assert await runner.claim_once(pool) == 0  # full: it claims nothing, and asks nothing
     assert calls[0] == 0
     pool.in_flight -= 1
     assert pool.free == 1
     runner.stopping = True
-    assert runner.claim_once(pool) == 0  # stopping: not one more, though a slot is free
+    assert await runner.claim_once(pool) == 0  # stopping: not one more, though a slot is free
     assert calls[0] == 0
     assert [s for s, _ in statuses(store).values()].count("queued") == 20 - room
     store.close()
@@ -301,13 +311,13 @@ async def test_an_idle_claimer_waits_for_a_wake_rather_than_asking_the_store_aga
     calls = count_calls(store, "items_claim")
     async with anyio.create_task_group() as tg:
         tg.start_soon(runner.claimer, pool)
-        await yield_many()
+        await settle(runner)
         assert calls[0] == 1  # one pass found nothing; it waits (here, 60 s or a wake)
         store.batch_insert(tenant="t", kind="k", items=[{"input": 1}], now=clock[0],
                            max_attempts=3)
         runner.notify("k")
         await until(lambda: pool.ready)
-        await yield_many()
+        await settle(runner)
         assert calls[0] <= 3  # the claim, one more pass that found nothing; then it waits
         tg.cancel_scope.cancel()
     store.close()
@@ -329,17 +339,17 @@ async def test_a_claimer_that_found_its_pool_full_claims_again_as_items_finish(d
     clock = [T0]
     store, runner, pool, _ = build(db_path, clock, items=40, concurrency=2,
                                    poll_interval_s=60)
-    assert runner.claim_once(pool) > 0 and pool.free == 0  # no worker runs them
+    assert await runner.claim_once(pool) > 0 and pool.free == 0  # no worker runs them
     claims, passes = count_calls(store, "items_claim"), count_calls(runner, "claim_once")
     async with anyio.create_task_group() as tg:
         tg.start_soon(runner.claimer, pool)
-        await yield_many()
+        await settle(runner)
         assert (passes[0], claims[0]) == (1, 0)  # it found the pool full; it waits
         while pool.ready and not claims[0]:  # the items finish, one at a time
             c = pool.ready.popleft()
             runner.running[c.seq, c.token] = (c.batch_seq, None)
             runner._finish(pool, c, cancelled_outcome(c))
-            await yield_many()
+            await settle(runner)
         assert claims[0]  # it claimed again, at once: not after the 60 s poll
         tg.cancel_scope.cancel()
     store.close()
@@ -369,19 +379,19 @@ async def test_the_claimer_keeps_one_group_claimed_ahead_of_the_workers(db_path,
     async with anyio.create_task_group() as tg:
         tg.start_soon(runner.claimer, pool)
         await until(lambda: pool.in_flight == 1)
-        await yield_many()
+        await settle(runner)
         assert passes[0] == 2  # the claim, a pass that found nothing; then it waits
         submit(c - 1)  # up to the concurrency: the claimer goes on claiming
         await until(lambda: pool.in_flight == c)
         submit(c + 1)  # the deque fills, one item is left over
         await until(lambda: pool.in_flight == 2 * c)
-        await yield_many()
+        await settle(runner)
         settled = passes[0]
         submit(1)  # a wake, while items wait in the deque: the claimer waits on
-        await yield_many()
+        await settle(runner)
         for _ in range(c - 1):  # finished items, the deque not yet dry: it waits on
             finish_one()
-            await yield_many(3)
+            await settle(runner, 3)
         assert (passes[0], pool.in_flight) == (settled, c + 1)
         finish_one()  # the deque ran dry: it claims the two left at once
         await until(lambda: pool.in_flight == c + 2)
@@ -462,7 +472,7 @@ async def test_a_waiting_item_of_a_cancelled_or_expired_batch_never_starts(db_pa
                                         now=T0, max_attempts=3, expires_at=expires_at)
                for name, expires_at in (("cancelled", None), ("expires now", T0 + 10),
                                         ("expires later", T0 + 11), ("never expires", None))}
-    assert runner.claim_once(pool) == 4  # all four wait in the deque
+    assert await runner.claim_once(pool) == 4  # all four wait in the deque
     store.batch_cancel(batches["cancelled"].id, None, T0)
     runner.cancel_local(batches["cancelled"].seq)
     clock[0] = T0 + 10
@@ -521,7 +531,7 @@ async def test_latency_is_the_time_from_claim_to_outcome_on_the_runners_clock(db
 
     latency = Histogram()
     store, runner, pool, _ = build(db_path, clock, fn=takes_2_5_s, latency=latency)
-    assert runner.claim_once(pool) == 1
+    assert await runner.claim_once(pool) == 1
     await runner._drain(pool)
     assert latency.sum == 2.5
     assert latency.counts[latency.buckets.index(5.0)] == 1  # 1 s < 2.5 s <= 5 s
@@ -536,7 +546,7 @@ async def test_a_fault_in_finishing_an_item_is_raised_as_itself_once(db_path):
 
     clock = [T0]
     store, runner, pool, _ = build(db_path, clock, latency=Broken())
-    assert runner.claim_once(pool) == 1
+    assert await runner.claim_once(pool) == 1
     with pytest.raises(RuntimeError, match="observe failed"):
         await runner._drain(pool)
     assert len(runner.outcomes) == 1 and not runner.running  # its outcome is kept, once
@@ -612,7 +622,7 @@ async def test_a_runner_fault_in_a_group_still_gives_each_item_of_it_one_outcome
 
     clock = [T0]
     store, runner, pool, _ = build(db_path, clock, items=3, group=3, latency=BrokenOnce())
-    assert runner.claim_once(pool) == 3
+    assert await runner.claim_once(pool) == 3
     with pytest.raises(RuntimeError, match="observe failed"):
         await runner._drain_groups(pool)
     assert not runner.running and pool.in_flight == 0 and not pool.ready
@@ -633,20 +643,20 @@ async def test_writing_outcomes_wakes_the_claimer_of_their_kind_and_no_other(db_
     store, runner, pool, _ = build(db_path, clock, items=4)
     other = runner.pools["other"] = KindPool(runner.registry.register(
         "other", lambda item: None, concurrency=1, timeout=None, max_attempts=None))
-    assert runner.complete_once() == 0 and not pool.wake.is_set()  # nothing to write
-    assert runner.claim_once(pool) == 4
+    assert await runner.complete_once() == 0 and not pool.wake.is_set()  # nothing to write
+    assert await runner.claim_once(pool) == 4
     retry, *others = [pool.ready.popleft() for _ in range(4)]
     for c, status in zip(others, ("succeeded", "failed", "cancelled"), strict=True):
         runner.running[c.seq, c.token] = (c.batch_seq, None)
         runner._finish(pool, c, Outcome(c.seq, c.batch_seq, c.token, status, b"1", None, 0.0))
     assert not pool.wake.is_set()  # not before the slots are free in the store
-    assert runner.complete_once() == 3 and pool.wake.is_set() and not other.wake.is_set()
+    assert await runner.complete_once() == 3 and pool.wake.is_set() and not other.wake.is_set()
     pool.wake = anyio.Event()
     c = retry
     runner.running[c.seq, c.token] = (c.batch_seq, None)
     runner._finish(pool, c, Outcome(c.seq, c.batch_seq, c.token, "queued", None,
                                     b'{"code":"retry","message":"again"}', clock[0]))
-    assert runner.complete_once() == 1
+    assert await runner.complete_once() == 1
     assert pool.wake.is_set() and not other.wake.is_set()
     assert statuses(store)[c.seq] == ("queued", 1)
     store.close()
@@ -655,17 +665,17 @@ async def test_writing_outcomes_wakes_the_claimer_of_their_kind_and_no_other(db_
 async def test_outcomes_whose_write_failed_still_wake_their_claimer_once_written(db_path):
     clock = [T0]
     store, runner, pool, _ = build(db_path, clock, items=1)
-    assert runner.claim_once(pool) == 1
+    assert await runner.claim_once(pool) == 1
     c = pool.ready.popleft()
     runner.running[c.seq, c.token] = (c.batch_seq, None)
     runner._finish(pool, c, Outcome(c.seq, c.batch_seq, c.token, "succeeded", b"1", None, 0.0))
     real = store.items_finish
     store.items_finish = lambda *a: (_ for _ in ()).throw(StorageUnavailable("full"))
     with pytest.raises(StorageUnavailable):
-        runner.complete_once()
+        await runner.complete_once()
     assert not pool.wake.is_set() and len(runner.outcomes) == 1
     store.items_finish = real
-    assert runner.complete_once() == 1 and pool.wake.is_set()
+    assert await runner.complete_once() == 1 and pool.wake.is_set()
     store.close()
 
 
@@ -675,14 +685,14 @@ async def test_a_heartbeat_or_a_rescue_pass_extends_a_lease_by_one_lease(db_path
     there = Runner(store, here.registry, here.settings, lambda: clock[0], Histogram())
     for extend in (here.heartbeat_once, here.rescue_once):
         pool = KindPool(here.registry.handlers["k"])
-        assert here.claim_once(pool) == 1
+        assert await here.claim_once(pool) == 1
         seq = pool.ready[0].seq
         clock[0] += 20
-        extend()
+        await extend()
         [(until_,)] = store.conn.execute("SELECT lease_until FROM items WHERE seq=?", (seq,))
         assert until_ == clock[0] + LEASE
         clock[0] += LEASE + 1  # `here` died after that pass: its lease lapses
-        assert there.rescue_once() == 1
+        assert await there.rescue_once() == 1
         assert statuses(store)[seq] == ("queued", 1)
     store.close()
 
@@ -875,12 +885,12 @@ async def test_the_expirer_ends_the_claimed_items_waiting_past_their_batchs_expi
     for expires_at in (T0 + 10, None):
         store.batch_insert(tenant="t", kind="k", items=[{"input": 1}, {"input": 2}], now=T0,
                            max_attempts=3, expires_at=expires_at)
-    assert runner.claim_once(pool) == 4
+    assert await runner.claim_once(pool) == 4
     clock[0] = T0 + 9.5
-    runner.expire_once()
+    await runner.expire_once()
     assert len(pool.ready) == 4 and not runner.outcomes
     clock[0] = T0 + 10
-    runner.expire_once()
+    await runner.expire_once()
     assert [c.expires_at for c in pool.ready] == [None, None] and pool.in_flight == 2
     assert [o.status for o in runner.outcomes] == ["expired", "expired"]
     assert not runner.running
@@ -892,11 +902,11 @@ async def test_a_cancel_made_elsewhere_reaches_items_waiting_in_the_deque(db_pat
     `cancelled` instead of starting (another process cancelled the batch)."""
     clock = [T0]
     store, runner, pool, batch_id = build(db_path, clock, items=2)
-    assert runner.claim_once(pool) == 2 and not runner.running
+    assert await runner.claim_once(pool) == 2 and not runner.running
     elsewhere = open_store(db_path)
     elsewhere.batch_cancel(batch_id, None, clock[0])
     elsewhere.close()
-    runner.cancel_once()
+    await runner.cancel_once()
     waiting = pool.ready[0]
     assert waiting.batch_seq in runner.cancelled
     assert runner._ended_before_start(waiting).status == "cancelled"
