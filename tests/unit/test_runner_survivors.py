@@ -26,7 +26,7 @@ from minibatch.config import make_settings
 from minibatch.errors import StorageUnavailable, StoreBusy
 from minibatch.handlers import Registry, cancelled_outcome
 from minibatch.metrics import Histogram
-from minibatch.runner import KindPool, Runner, _pid_alive
+from minibatch.runner import GroupScope, KindPool, Runner, _pid_alive
 from minibatch.store import Outcome, Store, open_store
 
 pytestmark = pytest.mark.anyio
@@ -470,9 +470,10 @@ async def test_a_waiting_item_of_a_cancelled_or_expired_batch_never_starts(db_pa
     store, runner, pool, _ = build(db_path, clock, items=0, fn=record)
     batches = {name: store.batch_insert(tenant="t", kind="k", items=[{"input": name}],
                                         now=T0, max_attempts=3, expires_at=expires_at)
-               for name, expires_at in (("cancelled", None), ("expires now", T0 + 10),
-                                        ("expires later", T0 + 11), ("never expires", None))}
-    assert await runner.claim_once(pool) == 4  # all four wait in the deque
+               for name, expires_at in (("cancelled", None), ("expired before", T0 + 5),
+                                        ("expires now", T0 + 10), ("expires later", T0 + 11),
+                                        ("never expires", None))}
+    assert await runner.claim_once(pool) == 5  # all five wait in the deque
     store.batch_cancel(batches["cancelled"].id, None, T0)
     runner.cancel_local(batches["cancelled"].seq)
     clock[0] = T0 + 10
@@ -481,7 +482,7 @@ async def test_a_waiting_item_of_a_cancelled_or_expired_batch_never_starts(db_pa
     assert sorted(ran) == ["expires later", "never expires"]
     by_batch = {o.batch_seq: o.status for o in runner.outcomes}
     assert {name: by_batch[b.seq] for name, b in batches.items()} == {
-        "cancelled": "cancelled", "expires now": "expired",
+        "cancelled": "cancelled", "expired before": "expired", "expires now": "expired",
         "expires later": "succeeded", "never expires": "succeeded"}
     store.close()
 
@@ -606,6 +607,31 @@ async def test_a_cancel_does_not_touch_the_outcomes_of_a_group_kind_not_interrup
     mb.close()
     assert (done.status, done.metrics.succeeded, done.metrics.cancelled) == ("cancelled", 3, 0)
     assert outputs == ["answer 0", "answer 1", "answer 2"]
+
+
+async def test_a_group_call_is_interrupted_once_every_batch_in_it_is_cancelled():
+    """However many other batches were cancelled too."""
+    for cancelled, interrupted in (({1}, False), ({1, 2}, True), ({1, 2, 3}, True)):
+        scope = anyio.CancelScope()
+        GroupScope(scope, {1, 2}, cancelled).cancel()
+        assert scope.cancel_called == interrupted, cancelled
+
+
+async def test_a_group_call_takes_items_of_one_timeout(db_path):
+    """The call has one timeout: items whose batches set different ones go in different
+    calls; those of two batches that set the same one (equal, not the same float) in one."""
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=0, group=8)
+    for timeout, n in ((2.5, 3), (2.5, 2), (None, 2)):
+        store.batch_insert(tenant="t", kind="k", items=[{"input": i} for i in range(n)],
+                           now=T0, max_attempts=3, item_timeout_s=timeout)
+    assert await runner.claim_once(pool) == 7
+    groups = []
+    while pool.ready:
+        group, timeout = runner._take_group(pool)
+        groups.append((len(group), timeout))
+    assert groups == [(5, 2.5), (2, None)]
+    store.close()
 
 
 async def test_a_runner_fault_in_a_group_still_gives_each_item_of_it_one_outcome(db_path):
