@@ -211,7 +211,7 @@ class Api:
         try:
             signed, prepared = await read()
             body_hash = await body_digest(signed)
-            stored = self.idempotency.stored(tenant, key, body_hash)
+            stored = await self.idempotency.stored(tenant, key, body_hash)
             if stored is not None:
                 return Response(stored[2], status_code=stored[1], media_type=JSON,
                                 headers={"idempotent-replayed": "true"})
@@ -308,8 +308,8 @@ class Api:
 
     async def get_batch(self, request: Request, tenant: str) -> Response:
         batch_id = request.path_params["batch_id"]
-        body = self.reads.body(("batch", tenant, batch_id),
-                               lambda: self.mb.store.batch_get(batch_id, tenant))
+        body = await self.reads.body(("batch", tenant, batch_id),
+                                     lambda: self.mb.store.batch_get(batch_id, tenant))
         return Response(body, media_type=JSON)
 
     async def list_items(self, request: Request, tenant: str) -> Response:
@@ -529,7 +529,7 @@ def with_tenant(api: Api, handler: Callable[[Request, str], Awaitable[Response]]
                 ) -> Callable[[Request], Awaitable[Response]]:
     """`handler`, called with the request's tenant: authentication happens before it."""
     async def authenticated(request: Request) -> Response:
-        return await handler(request, api.auth.tenant(request))
+        return await handler(request, await api.auth.tenant(request))
 
     return authenticated
 

@@ -107,18 +107,19 @@ class Dashboard:
 
     # -- sessions ----------
 
-    def session(self, request: Request) -> Session | None:
+    async def session(self, request: Request) -> Session | None:
         """The request's session if it is signed in with a key still valid."""
         token = request.cookies.get(SESSION_COOKIE)
         if not token:
             return None
         token_hash = hash_key(token)
-        found = self.mb.store.session_get(token_hash, self.mb.now())
+        store = self.mb.store
+        found = await store.call(lambda: store.session_get(token_hash, self.mb.now()))
         if found is None:
             return None
-        tenant = self.api.auth.tenant_of(found[0])
+        tenant = await self.api.auth.tenant_of(found[0])
         if tenant is None:  # the key was revoked: its sessions end
-            self.mb.store.session_delete(token_hash)
+            await store.call(store.session_delete, token_hash)
             return None
         return Session(token_hash, tenant, found[1])
 
@@ -147,7 +148,7 @@ class Dashboard:
         if not cookie or not hmac.compare_digest(cookie, form.get("csrf", "")):
             raise Forbidden("the sign-in form expired or came from another site; try again")
         key_hash = hash_key(form.get("api_key", "").strip())
-        if self.api.auth.tenant_of(key_hash) is None:
+        if await self.api.auth.tenant_of(key_hash) is None:
             return self._login_form(request, "Unknown or revoked API key.", 401)
         token, now = secrets.token_urlsafe(32), self.mb.now()
         self.mb.store.session_create(hash_key(token), key_hash, secrets.token_urlsafe(24),
@@ -262,7 +263,7 @@ class Dashboard:
         sign-in page and anything else is refused; a POST must also come from this
         origin with the session's form token."""
         async def route(request: Request) -> Response:
-            session = self.session(request)
+            session = await self.session(request)
             if post:
                 form = await self._form(request)
                 if session is None or not hmac.compare_digest(session.csrf,
@@ -280,7 +281,7 @@ class Dashboard:
     async def on_error(self, request: Request, exc: Exception) -> Response:
         error = as_error(exc)
         return self.page(request, "error.html", error.status, error=error,
-                         session=self.session(request))
+                         session=await self.session(request))
 
 
 def _same_origin(request: Request) -> bool:
