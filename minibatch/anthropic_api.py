@@ -182,53 +182,62 @@ class AnthropicApi:
                                  for r in spec.requests),
                 tenant=tenant, idempotency=idem, dialect="anthropic",
                 expires_after_s=self.mb.settings.completion_window_s, id_prefix="msgbatch")
-            return Response(_encode_batch(self.mb.store.batch_row(batch.id, tenant)),
-                            media_type=JSON)
+            row = await self.mb.store.call(self.mb.store.batch_row, batch.id, tenant)
+            return Response(_encode_batch(row), media_type=JSON)
 
         return await self.api.idempotent(request, tenant, read, create, 200, _encode_batch)
 
     async def list(self, request: Request, tenant: str) -> Response:
         q = request.query_params
-        rows, more = self.mb.store.batch_rows_list(
-            tenant, dialect="anthropic", after=q.get("after_id"), before=q.get("before_id"),
-            limit=limit_arg(q.get("limit"), 20, 1000))
+        store = self.mb.store
+        rows, more = await store.call(
+            store.batch_rows_list, tenant, dialect="anthropic", after=q.get("after_id"),
+            before=q.get("before_id"), limit=limit_arg(q.get("limit"), 20, 1000))
         data = [message_batch(r) for r in rows]
         return _json(Page(data, more, data[0].id if data else None,
                           data[-1].id if data else None))
 
     async def retrieve(self, request: Request, tenant: str) -> Response:
-        return _json(message_batch(self._row(request, tenant)))
+        row = await self.mb.store.call(self._row, request.path_params["batch_id"], tenant)
+        return _json(message_batch(row))
 
     async def cancel(self, request: Request, tenant: str) -> Response:
-        row = self._row(request, tenant)
+        store = self.mb.store
+        row = await store.call(self._row, request.path_params["batch_id"], tenant)
         if row.status in models.BATCH_TERMINAL:
             raise BadRequest(f"message batch {row.id} has already ended")
         await self.mb.cancel(row.id, tenant=tenant)
-        return _json(message_batch(self.mb.store.batch_row(row.id, tenant)))
+        return _json(message_batch(await store.call(store.batch_row, row.id, tenant)))
 
     async def delete(self, request: Request, tenant: str) -> Response:
-        row = self._row(request, tenant)
-        if row.status not in models.BATCH_TERMINAL:
-            raise BadRequest(f"message batch {row.id} is still in progress: cancel it, or"
-                             " wait for it to end, before deleting it")
-        self.mb.store.batch_delete(row.id, tenant, self.mb.now())
-        return _json({"id": row.id, "type": "message_batch_deleted"})
+        batch_id = request.path_params["batch_id"]
+
+        def delete() -> None:  # the check and the delete: one call
+            row = self._row(batch_id, tenant)
+            if row.status not in models.BATCH_TERMINAL:
+                raise BadRequest(f"message batch {row.id} is still in progress: cancel it,"
+                                 " or wait for it to end, before deleting it")
+            self.mb.store.batch_delete(row.id, tenant, self.mb.now())
+
+        await self.mb.store.call(delete)
+        return _json({"id": batch_id, "type": "message_batch_deleted"})
 
     async def results(self, request: Request, tenant: str) -> Response:
-        row = self._row(request, tenant)
+        row = await self.mb.store.call(self._row, request.path_params["batch_id"], tenant)
         if row.status not in models.BATCH_TERMINAL:
             raise BadRequest(f"message batch {row.id} has not ended: no results yet")
         return StreamingResponse(self._lines(row.seq), media_type="application/binary")
 
     async def _lines(self, batch_seq: int) -> AsyncIterator[bytes]:
-        after = -1
-        while page := self.mb.store.results_page(batch_seq, after, RESULT_PAGE):
+        """The results lines, a page per `call`."""
+        store, after = self.mb.store, -1
+        while page := await store.call(store.results_page, batch_seq, after, RESULT_PAGE):
             yield b"".join(result_line(entry_id, status, out, err)
                            for _, _, entry_id, status, out, err, _ in page)
             after = page[-1][0]
 
-    def _row(self, request: Request, tenant: str) -> BatchRow:
-        batch_id = request.path_params["batch_id"]
+    def _row(self, batch_id: str, tenant: str) -> BatchRow:
+        """The tenant's message batch (a store read: run it through `call`)."""
         try:
             row = self.mb.store.batch_row(batch_id, tenant)
         except NotFound:

@@ -102,7 +102,8 @@ class Minibatch:
         return register
 
     async def __aenter__(self) -> Minibatch:
-        self.store.idempotency_prune(self.now() - IDEMPOTENCY_WINDOW_S)
+        await self.store.call(lambda: self.store.idempotency_prune(
+            self.now() - IDEMPOTENCY_WINDOW_S))
         self._task_group = await anyio.create_task_group().__aenter__()
         if self.runs_items:
             self.runner = Runner(self.store, self.registry, self.settings, self.now,
@@ -167,45 +168,55 @@ class Minibatch:
         """Store a batch of `kind` and its items (dicts with `input`, optional `entry_id`,
         `metadata`; any iterable, read lazily in chunks). Raises InvalidInput and writes
         nothing when the kind, an item, the webhook or a limit is bad. Items not started
-        `expires_after_s` after now end `expired`."""
+        `expires_after_s` after now end `expired`. On PostgreSQL `items` is read in the
+        store's worker thread."""
         handler = self.registry.require(kind)
         hook = _webhook(webhook)
         _check_metadata(metadata)
         _check_limits(max_attempts=max_attempts, item_timeout_s=item_timeout_s,
                       concurrency=concurrency, expires_after_s=expires_after_s)
-        now = self.now()
-        row = self.store.batch_insert(
-            tenant=tenant, kind=kind, items=items, now=now, metadata=metadata,
-            webhook=hook, max_attempts=max_attempts or handler.max_attempts
-            or self.settings.default_max_attempts, item_timeout_s=item_timeout_s,
-            concurrency=concurrency, input_file_id=input_file_id, idempotency=idempotency,
-            expires_at=None if expires_after_s is None else now + expires_after_s,
-            dialect=dialect, dialect_data=dialect_data, id_prefix=id_prefix,
-            max_queued=self.settings.max_queued_items)
-        if hook is not None:
-            self.webhook_secret(tenant)  # deliveries are signed with the tenant's secret
+
+        def insert() -> Batch:
+            now = self.now()
+            row = self.store.batch_insert(
+                tenant=tenant, kind=kind, items=items, now=now, metadata=metadata,
+                webhook=hook, max_attempts=max_attempts or handler.max_attempts
+                or self.settings.default_max_attempts, item_timeout_s=item_timeout_s,
+                concurrency=concurrency, input_file_id=input_file_id,
+                idempotency=idempotency,
+                expires_at=None if expires_after_s is None else now + expires_after_s,
+                dialect=dialect, dialect_data=dialect_data, id_prefix=id_prefix,
+                max_queued=self.settings.max_queued_items)
+            if hook is not None:
+                self.webhook_secret(tenant)  # deliveries are signed with the tenant's secret
+            return self.store.batch_get(row.id)
+
+        batch = await self.store.call(insert)
         if self.runner is not None:
             self.runner.notify(kind)
-        return self.store.batch_get(row.id)
+        return batch
 
     async def get(self, batch_id: str, *, tenant: str | None = None) -> Batch:
-        return self.store.batch_get(batch_id, tenant)
+        return await self.store.call(self.store.batch_get, batch_id, tenant)
 
     async def wait(self, batch_id: str, *, timeout: float | None = None,
                    poll_s: float = 0.05) -> Batch:
         """Poll until the batch is terminal (or `timeout` passes: TimeoutError)."""
         with anyio.fail_after(timeout):
-            while self.store.batch_status(batch_id) not in models.BATCH_TERMINAL:
+            while (await self.store.call(self.store.batch_status, batch_id)
+                   not in models.BATCH_TERMINAL):
                 await anyio.sleep(poll_s)
-        return self.store.batch_get(batch_id)
+        return await self.store.call(self.store.batch_get, batch_id)
 
     async def list_batches(self, status: str | None = None, limit: int = 100, *,
                            after: str | None = None, tenant: str | None = None) -> list[Batch]:
         """Batches, newest first."""
-        return self.store.batches_list(tenant, status=status, limit=limit, after=after)[0]
+        return (await self.store.call(self.store.batches_list, tenant, status=status,
+                                      limit=limit, after=after))[0]
 
     async def cancel(self, batch_id: str, *, tenant: str | None = None) -> Batch:
-        batch, seq = self.store.batch_cancel(batch_id, tenant, self.now())
+        batch, seq = await self.store.call(
+            lambda: self.store.batch_cancel(batch_id, tenant, self.now()))
         if self.runner is not None:
             self.runner.cancel_local(seq)
         return batch
@@ -222,25 +233,38 @@ class Minibatch:
 
     async def result_pages(self, batch_id: str, *, tenant: str | None = None
                            ) -> AsyncIterator[list[tuple]]:
-        """Raw result rows, RESULTS_PAGE at a time (the HTTP API streams these)."""
-        seq = self.store.batch_seq(batch_id, tenant)
-        after = -1
-        while rows := self.store.results_page(seq, after, RESULTS_PAGE):
+        """Raw result rows, RESULTS_PAGE at a time (the HTTP API streams these), each
+        page one `call`; the first comes with the batch's lookup (NotFound)."""
+        def first() -> tuple[int, list[tuple]]:
+            seq = self.store.batch_seq(batch_id, tenant)
+            return seq, self.store.results_page(seq, -1, RESULTS_PAGE)
+
+        seq, rows = await self.store.call(first)
+        while rows:
             yield rows
-            after = rows[-1][0]
-            await anyio.sleep(0)  # let other tasks in between pages
+            await anyio.sleep(0)  # let other tasks in between pages (SQLite never waits)
+            rows = await self.store.call(self.store.results_page, seq, rows[-1][0],
+                                         RESULTS_PAGE)
 
     async def deliveries(self, batch_id: str, *, limit: int = 100, after: str | None = None,
                          tenant: str | None = None) -> list[models.Delivery]:
         """A page of the batch's webhook deliveries, oldest first, each with its attempts;
         `after` is the id of the last delivery of the previous page."""
+        return (await self.store.call(self.deliveries_page, batch_id, tenant, limit=limit,
+                                      after=after))[0]
+
+    def deliveries_page(self, batch_id: str, tenant: str | None, *, limit: int,
+                        after: str | None) -> tuple[list[models.Delivery], bool]:
+        """A page of the batch's deliveries and whether more follow (store reads: code on
+        the loop runs this through `store.call`)."""
         seq = self.store.batch_seq(batch_id, tenant)
-        return self.store.deliveries_page(seq, limit=limit, after=after)[0]
+        return self.store.deliveries_page(seq, limit=limit, after=after)
 
     async def redeliver(self, delivery_id: str, *, tenant: str | None = None
                         ) -> models.Delivery:
         """Send a delivery again: same frozen bytes, same webhook-id, not automatic."""
-        return self.store.delivery_redeliver(delivery_id, tenant, self.now())
+        return await self.store.call(
+            lambda: self.store.delivery_redeliver(delivery_id, tenant, self.now()))
 
     def rotate_secret(self, tenant: str = DEFAULT_TENANT, overlap_s: float = 86400.0
                       ) -> models.SecretRotated:
@@ -287,11 +311,14 @@ class Minibatch:
 
     async def test_endpoint(self, tenant: str, endpoint_id: str, payload: bytes) -> int:
         """Send `payload` to the endpoint now, signed, once; the receiver's status code."""
-        row = self.store.endpoint_get(endpoint_id, tenant)
+        def target() -> tuple[EndpointRow, list[tuple[str, str]]]:
+            row = self.store.endpoint_get(endpoint_id, tenant)
+            return row, self.store.secrets_active(tenant, self.now(), row.id)
+
+        row, active = await self.store.call(target)
         if self.deliverer is None:
             raise InvalidInput("webhook delivery is not running on this instance")
-        keys = [signing.secret_key(s) for _, s in
-                self.store.secrets_active(tenant, self.now(), row.id)]
+        keys = [signing.secret_key(s) for _, s in active]
         status, _, _, error, _ = await self.deliverer.post(row.url, new_id("msg"), payload,
                                                            keys)
         if status is None:

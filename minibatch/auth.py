@@ -73,7 +73,10 @@ class Authenticator:
 
     A key's tenant is kept in the request's ReadCache, which this refreshes at every
     lookup, so a key revoked anywhere is refused at its next request; the store is
-    asked again when the key's `last_used_at` is KEY_TOUCH_S old, and writes it."""
+    asked again when the key's `last_used_at` is KEY_TOUCH_S old, and writes it. On
+    SQLite a kept key costs no store call at all, and a lookup runs at once (`call`);
+    on PostgreSQL, whose version moves at every refresh, each request looks its key up
+    in a worker thread."""
 
     def __init__(self, store: Store, now: Callable[[], float],
                  rate_limit: float | None = None, reads: ReadCache | None = None) -> None:
@@ -82,7 +85,7 @@ class Authenticator:
         self.limit = RateLimit(rate_limit) if rate_limit else None
         self.reads = reads if reads is not None else ReadCache(store)
 
-    def tenant(self, request: Request) -> str:
+    async def tenant(self, request: Request) -> str:
         key, authorization = _credentials(request.scope["headers"])
         scheme, _, value = authorization.partition(" ")
         bearer = value.strip() if scheme.lower() == "bearer" else None
@@ -92,7 +95,7 @@ class Authenticator:
         if not key:
             raise Unauthorized("missing API key: send Authorization: Bearer <key> or x-api-key")
         digest = hash_key(key)
-        tenant = self.tenant_of(digest)
+        tenant = await self.tenant_of(digest)
         if tenant is None:
             raise Unauthorized("unknown or revoked API key")
         if self.limit is not None and (wait := self.limit.wait(digest, time.monotonic())):
@@ -100,15 +103,19 @@ class Authenticator:
                                   " (rate_limit)", wait)
         return tenant
 
-    def tenant_of(self, digest: bytes) -> str | None:
+    async def tenant_of(self, digest: bytes) -> str | None:
         """The tenant of the key with this digest, or None if it is unknown or revoked."""
         self.reads.refresh()
-        now = self.now()
         known = self.reads.get(("key", digest))  # (tenant or None, last_used_at)
-        if known is None or now - known[1] >= KEY_TOUCH_S:
-            known = self.store.tenant_by_key(digest, now) or (None, now)
-            self.reads.put(("key", digest), known)
+        if known is None or self.now() - known[1] >= KEY_TOUCH_S:
+            known = await self.reads.read(("key", digest), lambda: self._look_up(digest))
         return known[0]
+
+    def _look_up(self, digest: bytes) -> tuple[str | None, float]:
+        # In the store's thread: the clock is read there too, so a PostgreSQL clock due
+        # for measuring is measured off the loop (`call` does it first).
+        now = self.now()
+        return self.store.tenant_by_key(digest, now) or (None, now)
 
 
 def _credentials(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
@@ -148,11 +155,12 @@ class Idempotency:
     def end(self, tenant: str, key: str) -> None:
         self.in_flight.discard((tenant, key))
 
-    def stored(self, tenant: str, key: str, body_hash: bytes
-               ) -> tuple[bytes, int, bytes] | None:
+    async def stored(self, tenant: str, key: str, body_hash: bytes
+                     ) -> tuple[bytes, int, bytes] | None:
         """The stored (body_hash, status, response) to replay, or None to go ahead;
         `body_hash` is the SHA-256 of what the key covers, and another one is a 422."""
-        stored = self.store.idempotency_get(tenant, key, time.time() - IDEMPOTENCY_WINDOW_S)
+        stored = await self.store.call(self.store.idempotency_get, tenant, key,
+                                       time.time() - IDEMPOTENCY_WINDOW_S)
         if stored is not None and stored[0] != body_hash:
             raise IdempotencyMismatch(
                 "this Idempotency-Key was used with a different request body",

@@ -109,7 +109,8 @@ async def serve_until_signalled(mb: Any, host: str, port: int, *, quiet: bool = 
     async with mb, anyio.create_task_group() as tg:
         tg.start_soon(stop_on_signal, server)
         if pool is not None:
-            mb.store.autocheckpoint(False)  # the workers' checkpointers keep the WAL short
+            # the workers' checkpointers keep the WAL short
+            await mb.store.call(mb.store.autocheckpoint, False)
             await pool.run(tg)
         await server.serve()
         if pool is not None:

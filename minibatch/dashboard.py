@@ -107,18 +107,19 @@ class Dashboard:
 
     # -- sessions ----------
 
-    def session(self, request: Request) -> Session | None:
+    async def session(self, request: Request) -> Session | None:
         """The request's session if it is signed in with a key still valid."""
         token = request.cookies.get(SESSION_COOKIE)
         if not token:
             return None
         token_hash = hash_key(token)
-        found = self.mb.store.session_get(token_hash, self.mb.now())
+        store = self.mb.store
+        found = await store.call(lambda: store.session_get(token_hash, self.mb.now()))
         if found is None:
             return None
-        tenant = self.api.auth.tenant_of(found[0])
+        tenant = await self.api.auth.tenant_of(found[0])
         if tenant is None:  # the key was revoked: its sessions end
-            self.mb.store.session_delete(token_hash)
+            await store.call(store.session_delete, token_hash)
             return None
         return Session(token_hash, tenant, found[1])
 
@@ -147,18 +148,23 @@ class Dashboard:
         if not cookie or not hmac.compare_digest(cookie, form.get("csrf", "")):
             raise Forbidden("the sign-in form expired or came from another site; try again")
         key_hash = hash_key(form.get("api_key", "").strip())
-        if self.api.auth.tenant_of(key_hash) is None:
+        if await self.api.auth.tenant_of(key_hash) is None:
             return self._login_form(request, "Unknown or revoked API key.", 401)
-        token, now = secrets.token_urlsafe(32), self.mb.now()
-        self.mb.store.session_create(hash_key(token), key_hash, secrets.token_urlsafe(24),
-                                     now, now + SESSION_S)
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+
+        def create() -> None:
+            now = self.mb.now()
+            self.mb.store.session_create(hash_key(token), key_hash, csrf, now,
+                                         now + SESSION_S)
+
+        await self.mb.store.call(create)
         response = RedirectResponse("/ui/batches", status_code=303)
         _set_cookie(request, response, SESSION_COOKIE, token)
         response.delete_cookie(SIGN_IN_COOKIE, path="/ui", httponly=True, samesite="strict")
         return response
 
     async def logout(self, request: Request, session: Session) -> Response:
-        self.mb.store.session_delete(session.token_hash)
+        await self.mb.store.call(self.mb.store.session_delete, session.token_hash)
         response = RedirectResponse("/ui/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="strict")
         return response
@@ -171,24 +177,31 @@ class Dashboard:
     async def batches(self, request: Request, session: Session) -> Response:
         status = _status_arg(request, "status", _BATCH_STATUSES)
         after = request.query_params.get("after")
-        batches, more = self.mb.store.batches_list(session.tenant, status=status,
-                                                   limit=PAGE, after=after)
+        store = self.mb.store
+        batches, more = await store.call(store.batches_list, session.tenant, status=status,
+                                         limit=PAGE, after=after)
         next_url = _with(request, after=batches[-1].id) if more else None
         return self.page(request, "batches.html", session=session, batches=batches,
                          status=status, statuses=_BATCH_STATUSES, next_url=next_url)
 
     async def batch(self, request: Request, session: Session) -> Response:
-        batch_id = request.path_params["batch_id"]
+        batch_id, tenant = request.path_params["batch_id"], session.tenant
+        deliveries_after = request.query_params.get("deliveries_after")
         store = self.mb.store
-        batch = store.batch_get(batch_id, session.tenant)
-        seq = store.batch_seq(batch_id, session.tenant)
-        status = _status_arg(request, "items", _ITEM_STATUSES)
-        after = _index_arg(request.query_params.get("after"))
-        items, more = store.items_page(batch_id, session.tenant, status=status, limit=PAGE,
-                                       after=after)
-        deliveries, more_deliveries = store.deliveries_page(
-            seq, limit=DELIVERIES_PAGE, after=request.query_params.get("deliveries_after"))
-        first, width, counts = store.batch_throughput(seq, CHART_BARS)
+
+        def read() -> tuple:  # everything the page shows: one call
+            batch = store.batch_get(batch_id, tenant)  # a 404 before a bad query's 422
+            seq = store.batch_seq(batch_id, tenant)
+            status = _status_arg(request, "items", _ITEM_STATUSES)
+            after = _index_arg(request.query_params.get("after"))
+            return (batch, status, store.items_page(batch_id, tenant, status=status,
+                                                    limit=PAGE, after=after),
+                    store.deliveries_page(seq, limit=DELIVERIES_PAGE, after=deliveries_after),
+                    store.batch_throughput(seq, CHART_BARS),
+                    store.items_error_groups(seq, ERROR_GROUPS))
+
+        (batch, status, (items, more), (deliveries, more_deliveries), (first, width, counts),
+         errors) = await store.call(read)
         return self.page(
             request, "batch.html", session=session, batch=batch, items=items,
             item_status=status, item_statuses=_ITEM_STATUSES,
@@ -196,7 +209,7 @@ class Dashboard:
             deliveries=deliveries,
             next_deliveries=(_with(request, deliveries_after=deliveries[-1].id)
                              if more_deliveries else None),
-            errors=store.items_error_groups(seq, ERROR_GROUPS), errors_scanned=ERRORS_SCANNED,
+            errors=errors, errors_scanned=ERRORS_SCANNED,
             bars=chart_bars(first, width, counts), bar_width=width,
             peak=round(max(counts, default=0) / width, 1),
             terminal=batch.status in models.BATCH_TERMINAL)
@@ -210,9 +223,13 @@ class Dashboard:
                                           f'attachment; filename="{batch_id}.jsonl"'})
 
     async def endpoints(self, request: Request, session: Session) -> Response:
-        rows, more = self.mb.store.endpoints_list(
-            session.tenant, after=request.query_params.get("after"), limit=PAGE)
-        health = {row.id: self.mb.store.endpoint_health(row.id) for row in rows}
+        after, store = request.query_params.get("after"), self.mb.store
+
+        def read() -> tuple[list, bool, dict[str, dict[str, Any]]]:  # rows, health: one call
+            rows, more = store.endpoints_list(session.tenant, after=after, limit=PAGE)
+            return rows, more, {row.id: store.endpoint_health(row.id) for row in rows}
+
+        rows, more, health = await store.call(read)
         return self.page(request, "endpoints.html", session=session, endpoints=rows,
                          health=health,
                          next_url=_with(request, after=rows[-1].id) if more else None)
@@ -221,7 +238,7 @@ class Dashboard:
         """The status and counters of the batches a page shows, for ui.js."""
         ids = request.query_params.getlist("id")[:LIVE_MAX]
         found = {}
-        for row in self.mb.store.batch_rows(ids, session.tenant):
+        for row in await self.mb.store.call(self.mb.store.batch_rows, ids, session.tenant):
             done = row.succeeded + row.failed + row.cancelled + row.expired
             found[row.id] = {
                 "status": row.status, "done": done, "total": row.total,
@@ -262,7 +279,7 @@ class Dashboard:
         sign-in page and anything else is refused; a POST must also come from this
         origin with the session's form token."""
         async def route(request: Request) -> Response:
-            session = self.session(request)
+            session = await self.session(request)
             if post:
                 form = await self._form(request)
                 if session is None or not hmac.compare_digest(session.csrf,
@@ -280,7 +297,7 @@ class Dashboard:
     async def on_error(self, request: Request, exc: Exception) -> Response:
         error = as_error(exc)
         return self.page(request, "error.html", error.status, error=error,
-                         session=self.session(request))
+                         session=await self.session(request))
 
 
 def _same_origin(request: Request) -> bool:

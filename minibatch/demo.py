@@ -65,7 +65,7 @@ async def demo(workdir: Path, items: int) -> int:
     mb = Minibatch(str(workdir / "demo.db"), allow_private_webhooks=True,
                    poll_interval_s=0.02)
     register_builtin_kinds(mb)
-    key = create_tenant_key(mb.store, "demo")
+    key = await mb.store.call(create_tenant_key, mb.store, "demo")
     inbox: list[dict] = []
     arrived = anyio.Event()
     api_port, hook_port = free_port(), free_port()

@@ -101,8 +101,9 @@ async def store_file(store: Store, tenant: str, filename: str | None, data: byte
     line and marks the bad ones, for the batch that uses the file to report); `purpose`,
     `expires_at` and `build` (FileRow -> the dialect's file object) are a dialect's; a
     dialect's file also keeps its bytes as uploaded, for its download.
-    Each chunk is validated in a worker thread and written on the loop in its own short
-    transaction, so neither the parse nor the write holds the loop for long."""
+    Each chunk is validated in a worker thread and written through `store.call` in its
+    own short transaction (on the loop for SQLite, in the store's thread for
+    PostgreSQL), so neither the parse nor the write holds the loop for long."""
     checker = checker or LineChecker()
     chunks = numbered_chunks(data)
 
@@ -110,12 +111,13 @@ async def store_file(store: Store, tenant: str, filename: str | None, data: byte
         lines = next(chunks, None)
         return None if lines is None else checker.check(lines)
 
-    file_id = store.file_begin(tenant, filename, len(data), now, purpose, expires_at)
+    file_id = await store.call(store.file_begin, tenant, filename, len(data), now, purpose,
+                               expires_at)
     written = 0
     try:
         while (good := await anyio.to_thread.run_sync(next_chunk)) is not None:
             if not checker.bad_lines:  # past the first bad line, only errors are gathered
-                store.file_lines_insert(file_id, good)
+                await store.call(store.file_lines_insert, file_id, good)
                 written += len(good)
         if checker.bad_lines:
             raise InvalidInput(
@@ -123,9 +125,12 @@ async def store_file(store: Store, tenant: str, filename: str | None, data: byte
                 f" {len(checker.errors)} are listed)", checker.errors)
         if purpose is not None:
             for part, start in enumerate(range(0, len(data), CHUNK_BYTES)):
-                store.file_part_insert(file_id, part, data[start:start + CHUNK_BYTES])
+                await store.call(store.file_part_insert, file_id, part,
+                                 data[start:start + CHUNK_BYTES])
                 await anyio.sleep(0)
-        return store.file_finish(file_id, written, idempotency, build)
+        # `build` and the key's builder run inside its transaction, in the store's thread
+        # on PostgreSQL: they must be plain code that calls the store synchronously.
+        return await store.call(store.file_finish, file_id, written, idempotency, build)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await discard(store, file_id)
@@ -136,5 +141,5 @@ async def discard(store: Store, file_id: str) -> None:
     """Delete an unfinished file a chunk at a time. Unfinished, it is invisible anyway:
     a discard that fails (the disk is full) leaves only that behind."""
     with contextlib.suppress(MinibatchError):
-        while store.file_discard(file_id, CHUNK_LINES):
+        while await store.call(store.file_discard, file_id, CHUNK_LINES):
             await anyio.sleep(0)

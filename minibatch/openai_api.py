@@ -333,22 +333,25 @@ class OpenAIApi:
         if order not in ("asc", "desc"):
             raise InvalidInput("order must be asc or desc", [{"field": "order",
                                                               "message": "asc or desc"}])
-        rows, more = self.mb.store.files_list(tenant, purpose=q.get("purpose"),
-                                              after=q.get("after"), limit=limit,
-                                              newest_first=order == "desc")
+        store = self.mb.store
+        rows, more = await store.call(store.files_list, tenant, purpose=q.get("purpose"),
+                                      after=q.get("after"), limit=limit,
+                                      newest_first=order == "desc")
         return _json(_page([file_out(await self._measured(r)) for r in rows], more))
 
     async def get_file(self, request: Request, tenant: str) -> Response:
-        row = self.mb.store.file_get(request.path_params["file_id"], tenant)
+        store = self.mb.store
+        row = await store.call(store.file_get, request.path_params["file_id"], tenant)
         return _json(file_out(await self._measured(row)))
 
     async def delete_file(self, request: Request, tenant: str) -> Response:
         file_id = request.path_params["file_id"]
-        self.mb.store.file_delete(file_id, tenant)
+        await self.mb.store.call(self.mb.store.file_delete, file_id, tenant)
         return _json({"id": file_id, "object": "file", "deleted": True})
 
     async def file_content(self, request: Request, tenant: str) -> Response:
-        row = self.mb.store.file_get(request.path_params["file_id"], tenant)
+        store = self.mb.store
+        row = await store.call(store.file_get, request.path_params["file_id"], tenant)
         lines = self._generated_lines(row) if row.batch is not None else self._input_lines(row)
         return StreamingResponse(lines, media_type="application/octet-stream")
 
@@ -359,25 +362,26 @@ class OpenAIApi:
         size = 0
         async for chunk in self._generated_lines(row):
             size += len(chunk)
-        self.mb.store.file_set_bytes(row.id, size)
+        await self.mb.store.call(self.mb.store.file_set_bytes, row.id, size)
         return row._replace(bytes=size)
 
     async def _generated_lines(self, row: FileRow) -> AsyncIterator[bytes]:
-        """An output or error file: the batch's items that belong in it, in input order."""
+        """An output or error file: the batch's items that belong in it, in input order,
+        a page per `call`."""
         assert row.batch is not None
         wanted = ("succeeded",) if row.purpose == "batch_output" else (
             "failed", "cancelled", "expired")
-        after = -1
-        while page := self.mb.store.results_page(row.batch, after, RESULT_PAGE):
+        store, after = self.mb.store, -1
+        while page := await store.call(store.results_page, row.batch, after, RESULT_PAGE):
             yield b"".join(result_line(seq, entry_id, status, out, err)
                            for _, seq, entry_id, status, out, err, _ in page
                            if status in wanted)
             after = page[-1][0]
 
     async def _input_lines(self, row: FileRow) -> AsyncIterator[bytes]:
-        """An uploaded file: its bytes as they were sent."""
-        after = -1
-        while parts := self.mb.store.file_parts_page(row.id, after, 8):
+        """An uploaded file: its bytes as they were sent, 8 parts per `call`."""
+        store, after = self.mb.store, -1
+        while parts := await store.call(store.file_parts_page, row.id, after, 8):
             for _, data in parts:
                 yield data
             after = parts[-1][0]
@@ -390,13 +394,14 @@ class OpenAIApi:
             return body, decode_json(body, BatchIn)
 
         async def create(idem: tuple | None, spec: BatchIn) -> Response:
-            row = await self._create(tenant, spec, idem)
-            return Response(self._encode_batch(row), media_type=JSON)
+            return Response(await self._create(tenant, spec, idem), media_type=JSON)
 
         return await self.api.idempotent(request, tenant, read, create, 200,
                                          self._encode_batch)
 
-    async def _create(self, tenant: str, spec: BatchIn, idem: tuple | None) -> BatchRow:
+    async def _create(self, tenant: str, spec: BatchIn, idem: tuple | None) -> bytes:
+        """The created batch's body: refused whole (`failed`, with its `errors`) when
+        the file has a bad line, else submitted."""
         kind = openai_kind(spec.endpoint)
         if spec.endpoint not in OPENAI_ENDPOINTS or self.mb.registry.get(kind) is None:
             supported = [e for e in OPENAI_ENDPOINTS if self.mb.registry.get(openai_kind(e))]
@@ -405,25 +410,33 @@ class OpenAIApi:
                                "endpoint")
         if spec.completion_window not in WINDOWS:
             raise _param_error("completion_window must be '24h'", "completion_window")
-        try:
-            file = self.mb.store.file_get(spec.input_file_id, tenant)
-        except NotFound:
-            raise NotFound(f"No such File object: {spec.input_file_id}") from None
-        if file.purpose != "batch":
-            raise _param_error(f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
-                               "input_file_id")
+        store = self.mb.store
         data = {"endpoint": spec.endpoint, "completion_window": spec.completion_window,
-                "input_file_id": file.id}
-        errors = self._problems(file, spec.endpoint)
-        if errors:
-            return self.mb.store.batch_insert_refused(
+                "input_file_id": spec.input_file_id}
+
+        def refused() -> bytes | None:
+            """The file checked, its lines too: a refused batch's body if one is bad."""
+            try:
+                file = store.file_get(spec.input_file_id, tenant)
+            except NotFound:
+                raise NotFound(f"No such File object: {spec.input_file_id}") from None
+            if file.purpose != "batch":
+                raise _param_error(f"file {file.id} has purpose {file.purpose!r}, not"
+                                   " 'batch'", "input_file_id")
+            errors = self._problems(file, spec.endpoint)
+            if not errors:
+                return None
+            return self._encode_batch(store.batch_insert_refused(
                 tenant=tenant, kind=kind, now=self.mb.now(), metadata=spec.metadata,
-                dialect="openai", dialect_data={**data, "errors": errors}, idempotency=idem)
+                dialect="openai", dialect_data={**data, "errors": errors}, idempotency=idem))
+
+        if (body := await store.call(refused)) is not None:
+            return body
         batch = await self.mb.submit(
-            kind, input_file_id=file.id, metadata=spec.metadata, tenant=tenant,
+            kind, input_file_id=spec.input_file_id, metadata=spec.metadata, tenant=tenant,
             idempotency=idem, expires_after_s=self.mb.settings.completion_window_s,
             dialect="openai", dialect_data=data)
-        return self.mb.store.batch_row(batch.id, tenant)
+        return await store.call(lambda: self._encode_batch(store.batch_row(batch.id, tenant)))
 
     def _problems(self, file: FileRow, endpoint: str) -> list[dict]:
         """Every bad line of the file for a batch of `endpoint` (the first
@@ -443,31 +456,41 @@ class OpenAIApi:
         return errors
 
     def _encode_batch(self, row: BatchRow) -> bytes:
+        """The batch's body; reads its files from the store, so it runs inside a `call`
+        (or inside the creating transaction, as an idempotent replay's builder)."""
         return _encode(batch_out(row, self.mb.store.batch_files(row.seq)))
 
     async def list_batches(self, request: Request, tenant: str) -> Response:
         q = request.query_params
         limit = limit_arg(q.get("limit"), 20, 100)
         after = q.get("after")
-        rows, more = self.mb.store.batch_rows_list(tenant, dialect="openai", after=after,
-                                                   limit=limit)
-        data = [batch_out(r, self.mb.store.batch_files(r.seq)) for r in rows]
-        return _json(_page(data, more))
+        store = self.mb.store
+
+        def page() -> Page:  # the rows and each one's files: one call
+            rows, more = store.batch_rows_list(tenant, dialect="openai", after=after,
+                                               limit=limit)
+            return _page([batch_out(r, store.batch_files(r.seq)) for r in rows], more)
+
+        return _json(await store.call(page))
 
     async def get_batch(self, request: Request, tenant: str) -> Response:
-        return Response(self._encode_batch(self._row(request, tenant)), media_type=JSON)
+        batch_id = request.path_params["batch_id"]
+        body = await self.mb.store.call(
+            lambda: self._encode_batch(self._row(batch_id, tenant)))
+        return Response(body, media_type=JSON)
 
     async def cancel_batch(self, request: Request, tenant: str) -> Response:
-        row = self._row(request, tenant)
+        store = self.mb.store
+        row = await store.call(self._row, request.path_params["batch_id"], tenant)
         if row.status in models.BATCH_TERMINAL:
             raise BadRequest(f"batch {row.id} has already ended ({batch_out(row, {}).status});"
                              " only a batch in progress can be cancelled")
         await self.mb.cancel(row.id, tenant=tenant)
-        return Response(self._encode_batch(self.mb.store.batch_row(row.id, tenant)),
-                        media_type=JSON)
+        body = await store.call(lambda: self._encode_batch(store.batch_row(row.id, tenant)))
+        return Response(body, media_type=JSON)
 
-    def _row(self, request: Request, tenant: str) -> BatchRow:
-        batch_id = request.path_params["batch_id"]
+    def _row(self, batch_id: str, tenant: str) -> BatchRow:
+        """The tenant's OpenAI batch (a store read: run it through `call`)."""
         try:
             row = self.mb.store.batch_row(batch_id, tenant)
         except NotFound:
@@ -480,39 +503,55 @@ class OpenAIApi:
 
     async def create_endpoint(self, request: Request, tenant: str) -> Response:
         spec = decode_json(await self.api.json_body(request), EndpointIn)
-        row, secret = self.mb.create_endpoint(tenant, spec.name, spec.url, spec.event_types,
-                                              BATCH_EVENT_TYPES)
-        return _json(self._endpoint(row, secret))
+
+        def create() -> EndpointOut:
+            row, secret = self.mb.create_endpoint(tenant, spec.name, spec.url,
+                                                  spec.event_types, BATCH_EVENT_TYPES)
+            return self._endpoint(row, secret)
+
+        return _json(await self.mb.store.call(create))
 
     async def list_endpoints(self, request: Request, tenant: str) -> Response:
         q = request.query_params
-        rows, more = self.mb.store.endpoints_list(tenant, after=q.get("after"),
-                                                  limit=limit_arg(q.get("limit"), 20, 100))
-        return _json(_page([self._endpoint(r) for r in rows], more))
+        after, limit = q.get("after"), limit_arg(q.get("limit"), 20, 100)
+
+        def page() -> Page:  # the rows and each one's hint: one call
+            rows, more = self.mb.store.endpoints_list(tenant, after=after, limit=limit)
+            return _page([self._endpoint(r) for r in rows], more)
+
+        return _json(await self.mb.store.call(page))
 
     async def get_endpoint(self, request: Request, tenant: str) -> Response:
-        row = self.mb.store.endpoint_get(request.path_params["endpoint_id"], tenant)
-        return _json(self._endpoint(row))
+        endpoint_id = request.path_params["endpoint_id"]
+        return _json(await self.mb.store.call(
+            lambda: self._endpoint(self.mb.store.endpoint_get(endpoint_id, tenant))))
 
     async def update_endpoint(self, request: Request, tenant: str) -> Response:
         spec = decode_json(await self.api.json_body(request) or b"{}", EndpointUpdate)
-        row = self.mb.update_endpoint(tenant, request.path_params["endpoint_id"],
-                                      name=spec.name, url=spec.url,
-                                      event_types=spec.event_types,
-                                      allowed=BATCH_EVENT_TYPES)
-        return _json(self._endpoint(row))
+        endpoint_id = request.path_params["endpoint_id"]
+
+        def update() -> EndpointOut:
+            return self._endpoint(self.mb.update_endpoint(
+                tenant, endpoint_id, name=spec.name, url=spec.url,
+                event_types=spec.event_types, allowed=BATCH_EVENT_TYPES))
+
+        return _json(await self.mb.store.call(update))
 
     async def delete_endpoint(self, request: Request, tenant: str) -> Response:
         endpoint_id = request.path_params["endpoint_id"]
-        self.mb.store.endpoint_delete(endpoint_id, tenant)
+        await self.mb.store.call(self.mb.store.endpoint_delete, endpoint_id, tenant)
         return _json({"id": endpoint_id, "object": "webhook_endpoint.deleted", "deleted": True})
 
     async def rotate_endpoint(self, request: Request, tenant: str) -> Response:
         spec = decode_json(await self.api.json_body(request) or b"{}", RotateIn)
+        endpoint_id = request.path_params["endpoint_id"]
         overlap = 86400.0 if spec.keep_old_secret_active_for_24_hours else 0.0
-        row, secret = self.mb.rotate_endpoint_secret(
-            tenant, request.path_params["endpoint_id"], overlap)
-        return _json(self._endpoint(row, secret))
+
+        def rotate() -> EndpointOut:
+            row, secret = self.mb.rotate_endpoint_secret(tenant, endpoint_id, overlap)
+            return self._endpoint(row, secret)
+
+        return _json(await self.mb.store.call(rotate))
 
     async def test_endpoint(self, request: Request, tenant: str) -> Response:
         spec = decode_json(await self.api.json_body(request), TestIn)
@@ -529,6 +568,7 @@ class OpenAIApi:
                       "webhook_endpoint_id": endpoint_id})
 
     def _endpoint(self, row: EndpointRow, secret: str | None = None) -> EndpointOut:
+        """Reads the secret's hint from the store: runs inside a `call`."""
         return endpoint_out(row, self.mb.endpoint_secret_hint(row), secret)
 
 

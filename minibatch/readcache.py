@@ -8,6 +8,12 @@ it, and every route that reads through the cache is authenticated): when the ver
 moved (any commit, by any connection or process), everything kept is dropped. An answer
 read after the version was taken can only be newer than it, and is dropped at the next
 change. A store that cannot tell cheaply (PostgreSQL) moves its version every time.
+
+Reads go through `store.call`, so on PostgreSQL one may suspend while other requests
+refresh, and a change commits meanwhile: an answer is kept only if no refresh moved the
+version while it was read (`put`), so it cannot outlive a change it may have missed.
+`read_version()` itself is called on the loop: a pragma on SQLite's local file, a
+counter on PostgreSQL, never a round trip.
 """
 
 from __future__ import annotations
@@ -39,13 +45,24 @@ class ReadCache:
     def get(self, key: Any) -> Any:
         return self.kept.get(key)
 
-    def put(self, key: Any, value: Any) -> None:
-        self.kept[key] = value
+    def put(self, key: Any, value: Any, version: Any) -> None:
+        """Keep `value`, read under `version` (this cache's `version` when the read
+        began), unless a refresh has moved the version since: then the read may predate
+        a change that refresh saw, and it is not kept."""
+        if version == self.version:
+            self.kept[key] = value
 
-    def body(self, key: Any, read: Callable[[], Any]) -> bytes:
+    async def read(self, key: Any, read: Callable[[], Any]) -> Any:
+        """`read()`, through the store's `call`, kept under `key` (see `put`)."""
+        version = self.version
+        value = await self.store.call(read)
+        self.put(key, value, version)
+        return value
+
+    async def body(self, key: Any, read: Callable[[], Any]) -> bytes:
         """The JSON of `read()`, encoded once while nothing changes (an error that
         `read` raises is raised, and nothing is kept)."""
         body = self.kept.get(key)
         if body is None:
-            body = self.kept[key] = encoder.encode(read())
+            body = await self.read(key, lambda: encoder.encode(read()))
         return body

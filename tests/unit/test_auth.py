@@ -13,6 +13,8 @@ from minibatch.auth import Authenticator, Idempotency, create_tenant_key, hash_k
 from minibatch.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from minibatch.store import open_store
 
+pytestmark = pytest.mark.anyio
+
 
 @pytest.mark.sqlite_only
 def test_keys_are_stored_only_as_a_hash(db_path):
@@ -27,21 +29,21 @@ def test_keys_are_stored_only_as_a_hash(db_path):
     assert again["webhook_secret"] == out["webhook_secret"]  # one secret per tenant
 
 
-def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
+async def test_idempotency_survives_a_restart_and_refuses_another_body(db_path):
     store = open_store(db_path)
     idem = Idempotency(store)
     body_hash, other_hash = hashlib.sha256(b"body").digest(), hashlib.sha256(b"other").digest()
-    assert idem.stored("t", "k", body_hash) is None
+    assert await idem.stored("t", "k", body_hash) is None
     with store._tx() as cur:
         store._idempotency_put(cur, "t", ("k", body_hash, 201, lambda _: b"first"), None, 1e12)
     store.close()
 
     reopened = Idempotency(open_store(db_path))
-    replay = reopened.stored("t", "k", body_hash)
+    replay = await reopened.stored("t", "k", body_hash)
     assert replay[1:] == (201, b"first")
     with pytest.raises(InvalidInput):
-        reopened.stored("t", "k", other_hash)
-    assert reopened.stored("other-tenant", "k", body_hash) is None
+        await reopened.stored("t", "k", other_hash)
+    assert await reopened.stored("other-tenant", "k", body_hash) is None
     reopened.begin("t", "k2")
     with pytest.raises(Conflict):
         reopened.begin("t", "k2")
@@ -76,7 +78,7 @@ def test_idempotency_keys_are_1_to_255_characters(db_path):
             idem.begin("t", bad)
 
 
-def test_a_key_replays_for_24_hours_and_not_after(db_path):
+async def test_a_key_replays_for_24_hours_and_not_after(db_path):
     store = open_store(db_path)
     idem = Idempotency(store)
     digest = hashlib.sha256(b"body").digest()
@@ -85,8 +87,8 @@ def test_a_key_replays_for_24_hours_and_not_after(db_path):
         for key, age in (("fresh", 24 * 3600 - 5), ("stale", 24 * 3600 + 5)):
             store._idempotency_put(cur, "t", (key, digest, 201, lambda _: b"x"), None,
                                    now - age)
-    assert idem.stored("t", "fresh", digest) is not None
-    assert idem.stored("t", "stale", digest) is None
+    assert await idem.stored("t", "fresh", digest) is not None
+    assert await idem.stored("t", "stale", digest) is None
 
 
 def request_with(*headers: tuple[str, str]) -> Request:
@@ -94,55 +96,56 @@ def request_with(*headers: tuple[str, str]) -> Request:
                     "headers": [(k.encode(), v.encode()) for k, v in headers]})
 
 
-def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refused(db_path):
+async def test_the_key_comes_from_bearer_or_x_api_key_and_two_different_ones_are_refused(db_path):
     store = open_store(db_path)
     auth = Authenticator(store, time.time)
     a, b = create_tenant_key(store, "a")["api_key"], create_tenant_key(store, "b")["api_key"]
-    assert auth.tenant(request_with(("authorization", f"Bearer {a}"))) == "a"
-    assert auth.tenant(request_with(("authorization", f"bearer {a}"))) == "a"
-    assert auth.tenant(request_with(("x-api-key", b))) == "b"
-    assert auth.tenant(request_with(("x-api-key", a), ("authorization", f"Bearer {a}"))) == "a"
+    assert await auth.tenant(request_with(("authorization", f"Bearer {a}"))) == "a"
+    assert await auth.tenant(request_with(("authorization", f"bearer {a}"))) == "a"
+    assert await auth.tenant(request_with(("x-api-key", b))) == "b"
+    both = request_with(("x-api-key", a), ("authorization", f"Bearer {a}"))
+    assert await auth.tenant(both) == "a"
     low, high = sorted((a, b))
     for x_api_key, bearer in ((low, high), (high, low)):
         with pytest.raises(Unauthorized):
-            auth.tenant(request_with(("x-api-key", x_api_key),
-                                     ("authorization", f"Bearer {bearer}")))
+            await auth.tenant(request_with(("x-api-key", x_api_key),
+                                           ("authorization", f"Bearer {bearer}")))
     for value in (f"Bearerx {a}", f"Token {a}", f"Basic {a}", "Bearer "):
         with pytest.raises(Unauthorized):
-            auth.tenant(request_with(("authorization", value)))
+            await auth.tenant(request_with(("authorization", value)))
     with pytest.raises(Unauthorized):
-        auth.tenant(request_with(("x-api-key", "mb_unknown")))
+        await auth.tenant(request_with(("x-api-key", "mb_unknown")))
 
 
-def test_a_key_revoked_or_created_anywhere_counts_at_the_next_request(db_path):
+async def test_a_key_revoked_or_created_anywhere_counts_at_the_next_request(db_path):
     """The Authenticator keeps tenants between requests; a change through any
     connection is seen at the next one."""
     server, cli_side = open_store(db_path), open_store(db_path)
     auth = Authenticator(server, time.time)
     out = create_tenant_key(server, "acme", "deploy")
     bearer = ("authorization", f"Bearer {out['api_key']}")
-    assert auth.tenant(request_with(bearer)) == "acme"
-    assert auth.tenant(request_with(bearer)) == "acme"  # kept
+    assert await auth.tenant(request_with(bearer)) == "acme"
+    assert await auth.tenant(request_with(bearer)) == "acme"  # kept
     cli_side.key_revoke(out["key_id"], time.time())
     with pytest.raises(Unauthorized):
-        auth.tenant(request_with(bearer))
+        await auth.tenant(request_with(bearer))
     unknown = "mb_" + "k" * 43
-    assert auth.tenant_of(hash_key(unknown)) is None  # kept as unknown ...
+    assert await auth.tenant_of(hash_key(unknown)) is None  # kept as unknown ...
     cli_side.tenant_create("acme", hash_key(unknown), "secret_x", "whsec_x", time.time(),
                            key_id="key_new")
-    assert auth.tenant(request_with(("x-api-key", unknown))) == "acme"  # ... until made
+    assert await auth.tenant(request_with(("x-api-key", unknown))) == "acme"  # ... until made
     again = create_tenant_key(server, "acme")
-    assert auth.tenant(request_with(("x-api-key", again["api_key"]))) == "acme"
+    assert await auth.tenant(request_with(("x-api-key", again["api_key"]))) == "acme"
     server.key_revoke(again["key_id"], time.time())  # through the server's own connection
     with pytest.raises(Unauthorized):
-        auth.tenant(request_with(("x-api-key", again["api_key"])))
+        await auth.tenant(request_with(("x-api-key", again["api_key"])))
     with pytest.raises(NotFound):
         server.key_revoke("key_nope", time.time())
     server.close()
     cli_side.close()
 
 
-def test_a_key_in_steady_use_has_last_used_at_written_though_nothing_changes(db_path):
+async def test_a_key_in_steady_use_has_last_used_at_written_though_nothing_changes(db_path):
     """Kept tenants still ask the store once a minute, which writes `last_used_at`."""
     store, clock = open_store(db_path), [1000.0]
     auth = Authenticator(store, lambda: clock[0])
@@ -152,13 +155,13 @@ def test_a_key_in_steady_use_has_last_used_at_written_though_nothing_changes(db_
         return store._one("SELECT last_used_at FROM api_keys WHERE id=?", (out["key_id"],))[0]
 
     bearer = ("authorization", f"Bearer {out['api_key']}")
-    auth.tenant(request_with(bearer))
+    await auth.tenant(request_with(bearer))
     assert last_used() == 1000.0
     clock[0] = 1059.0
-    auth.tenant(request_with(bearer))
+    await auth.tenant(request_with(bearer))
     assert last_used() == 1000.0
     clock[0] = 1061.0
-    auth.tenant(request_with(bearer))
+    await auth.tenant(request_with(bearer))
     assert last_used() == 1061.0
     store.close()
 

@@ -22,6 +22,8 @@ from minibatch.auth import Authenticator, RateLimit, create_tenant_key, hash_key
 from minibatch.errors import InvalidInput, Unauthorized
 from minibatch.store import open_store
 
+pytestmark = pytest.mark.anyio
+
 TOUCH = 60.0  # KEY_TOUCH_S, written out
 
 
@@ -81,30 +83,30 @@ def kept_key(db_path: str, clock: list[float]):
     return store, auth, bearer, last_used
 
 
-def test_a_kept_key_is_asked_again_once_exactly_a_minute_old(db_path):
+async def test_a_kept_key_is_asked_again_once_exactly_a_minute_old(db_path):
     clock = [1000.0]
     store, auth, bearer, last_used = kept_key(db_path, clock)
-    assert auth.tenant(request_with(bearer)) == "acme"
+    assert await auth.tenant(request_with(bearer)) == "acme"
     assert last_used() == 1000.0
     clock[0] = 1000.0 + TOUCH / 2
-    assert auth.tenant(request_with(bearer)) == "acme"  # read again (the write moved
+    assert await auth.tenant(request_with(bearer)) == "acme"  # read again (the write moved
     assert last_used() == 1000.0  # the version), kept from here on
     clock[0] = 1000.0 + TOUCH
-    assert auth.tenant(request_with(bearer)) == "acme"
+    assert await auth.tenant(request_with(bearer)) == "acme"
     assert last_used() == 1000.0 + TOUCH
     store.close()
 
 
-def test_a_kept_key_is_asked_again_after_a_long_pause(db_path):
+async def test_a_kept_key_is_asked_again_after_a_long_pause(db_path):
     """A minute and more since the kept `last_used_at` (1010 s, whose remainder by the
     kept 1000.0 is only 10) asks the store, which writes the new time."""
     clock = [1000.0]
     store, auth, bearer, last_used = kept_key(db_path, clock)
-    auth.tenant(request_with(bearer))
+    await auth.tenant(request_with(bearer))
     clock[0] = 1030.0
-    auth.tenant(request_with(bearer))
+    await auth.tenant(request_with(bearer))
     clock[0] = 2010.0
-    assert auth.tenant(request_with(bearer)) == "acme"
+    assert await auth.tenant(request_with(bearer)) == "acme"
     assert last_used() == 2010.0
     store.close()
 
@@ -124,25 +126,25 @@ def key_reads(store, clock: list[float]) -> list[float]:
 
 
 @pytest.mark.sqlite_only
-def test_a_kept_key_is_not_read_again_within_the_minute(db_path):
+async def test_a_kept_key_is_not_read_again_within_the_minute(db_path):
     clock = [1000.0]
     store, auth, bearer, _ = kept_key(db_path, clock)
     reads = key_reads(store, clock)
-    auth.tenant(request_with(bearer))  # read, and last_used_at written
+    await auth.tenant(request_with(bearer))  # read, and last_used_at written
     clock[0] = 1010.0
-    auth.tenant(request_with(bearer))  # read again: the write moved the version
+    await auth.tenant(request_with(bearer))  # read again: the write moved the version
     for t in (1020.0, 1030.0, 1040.0, 1059.0):
         clock[0] = t
-        assert auth.tenant(request_with(bearer)) == "acme"
+        assert await auth.tenant(request_with(bearer)) == "acme"
     clock[0] = 1060.0
-    auth.tenant(request_with(bearer))
+    await auth.tenant(request_with(bearer))
     store.conn.exec_trace = None
     assert reads == [1000.0, 1010.0, 1060.0]
     store.close()
 
 
 @pytest.mark.sqlite_only
-def test_an_unknown_key_is_kept_as_unknown_within_the_minute(db_path):
+async def test_an_unknown_key_is_kept_as_unknown_within_the_minute(db_path):
     clock = [1000.0]
     store = open_store(db_path)
     auth = Authenticator(store, lambda: clock[0])
@@ -150,21 +152,22 @@ def test_an_unknown_key_is_kept_as_unknown_within_the_minute(db_path):
     digest = hash_key("mb_" + "u" * 43)
     for t in (1000.0, 1030.0, 1059.0, 1060.0):
         clock[0] = t
-        assert auth.tenant_of(digest) is None
+        assert await auth.tenant_of(digest) is None
     store.conn.exec_trace = None
     assert reads == [1000.0, 1060.0]
     store.close()
 
 
-def test_only_the_header_named_x_api_key_is_the_key(db_path):
+async def test_only_the_header_named_x_api_key_is_the_key(db_path):
     """Headers whose names sort after `x-api-key` (a proxy's x-forwarded-for, a
     request id) are not a key."""
     store = open_store(db_path)
     auth = Authenticator(store, time.time)
     key = create_tenant_key(store, "acme")["api_key"]
-    assert auth.tenant(request_with(("x-forwarded-for", "10.0.0.1"),
-                                    ("authorization", f"Bearer {key}"))) == "acme"
-    assert auth.tenant(request_with(("x-request-id", "req-1"), ("x-api-key", key))) == "acme"
+    assert await auth.tenant(request_with(("x-forwarded-for", "10.0.0.1"),
+                                          ("authorization", f"Bearer {key}"))) == "acme"
+    assert await auth.tenant(request_with(("x-request-id", "req-1"),
+                                          ("x-api-key", key))) == "acme"
     with pytest.raises(Unauthorized):
-        auth.tenant(request_with(("x-request-id", key)))
+        await auth.tenant(request_with(("x-request-id", key)))
     store.close()

@@ -31,7 +31,7 @@ def filled(db_path: str, n: int):
     cache = ReadCache(store)
     cache.refresh()
     for i in range(n):
-        cache.put(i, i)
+        cache.put(i, i, cache.version)
     return store, cache
 
 
@@ -39,7 +39,7 @@ def test_one_entry_under_the_bound_is_kept_and_the_bound_itself_is_dropped(db_pa
     store, cache = filled(db_path, BOUND - 1)
     cache.refresh()  # nothing was written: only the bound could empty it
     assert len(cache.kept) == BOUND - 1 and cache.get(0) == 0
-    cache.put(BOUND - 1, BOUND - 1)
+    cache.put(BOUND - 1, BOUND - 1, cache.version)
     assert len(cache.kept) == BOUND
     cache.refresh()
     assert cache.kept == {}
