@@ -266,8 +266,8 @@ class PostgresBase:
         self.webhook_attempts = len(webhook_schedule)
         self.webhook_first_delay = webhook_schedule[0]
         self.conn = PgConnection(url)
-        self._clock_offset, self._clock_at = 0.0, -CLOCK_REFRESH_S
         self._limiter: anyio.CapacityLimiter | None = None  # made on the first loop's call
+        self._measure_clock()  # sets _clock_offset, _clock_at
         self.migrate()
 
     # -- the connection ----------
@@ -402,9 +402,10 @@ class PostgresBase:
     def clock(self) -> float:
         """The database's time: this process's clock plus the offset to the server's,
         measured again every CLOCK_REFRESH_S, so leases and schedules agree across
-        machines whose clocks do not. `call` measures it in its thread when due, so a
-        busy loop never waits here for the server."""
-        if time.monotonic() - self._clock_at >= CLOCK_REFRESH_S:
+        machines whose clocks do not. `call` measures it, in its thread; here it is
+        measured only if no call has for twice that (a process that reaches the store
+        from threads alone), so an event loop never waits here for the server."""
+        if time.monotonic() - self._clock_at >= 2 * CLOCK_REFRESH_S:
             self._measure_clock()
         return time.time() + self._clock_offset
 

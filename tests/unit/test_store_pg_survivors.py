@@ -14,9 +14,7 @@ Equivalent mutants of postgres.py, which no test can tell apart:
 - the `(0.0,)` default of `webhook_schedule` -> `(-1.0,)`: `open_store` and `another()`
   always pass the schedule.
 - `_reads` starting at -1 or counting by 2: `read_version` only needs a new value each time.
-- `CLOCK_REFRESH_S` 60 -> 59, and `_clock_at` starting at +60 rather than -60: the offset
-  is measured at the first call either way on any machine up more than two minutes
-  (`time.monotonic()` counts from boot), and a minute or 59 s later again.
+- `CLOCK_REFRESH_S` 60 -> 59: a minute or 59 s, the offset is measured again.
 - the listening thread started with `daemon=False`: it ends by itself within
   LISTEN_POLL_S of being stopped, so nothing waits on it.
 - `_batches_due`'s re-check `locked[seq] < concurrency` -> `is not` or `<=`: the shared
@@ -25,7 +23,6 @@ Equivalent mutants of postgres.py, which no test can tell apart:
 - `WRITE_LOCK`'s value changed: any constant key serves.
 - `max(cur.rowcount, 0)` -> `max(..., -1)`: `changes()` is read after an UPDATE or
   DELETE, whose rowcount psycopg always knows.
-- `_clock_offset` starting at 1.0: the first `clock()` measures it.
 - `POOL_SIZE` 8 -> 9, the pool's `num_workers` 1 -> 2, `CONNECT_TIMEOUT_S` 10 -> 11:
   a limit no test's threads reach, the pool's own background threads, and a timeout
   that only a server that never answers would show.
@@ -68,15 +65,23 @@ def test_the_clock_is_the_databases_even_when_this_machines_is_off(db_path, monk
         store.close()
 
 
-def test_the_offset_is_measured_again_once_a_minute_and_not_between(db_path):
+@pytest.mark.anyio
+async def test_the_offset_is_measured_again_once_a_minute_in_a_calls_thread(db_path):
+    """By a store call, in its worker thread: an event loop reading the clock never waits
+    for the server. The clock itself measures only when no call has for two minutes."""
     store = open_pg(db_path)
+    measured_at = store._clock_at  # at the start
     store.clock()
-    measured_at = store._clock_at
-    store.clock()
+    await store.call(store.schema_version)
     assert store._clock_at == measured_at  # within the minute: not measured again
     store._clock_at -= 61.0  # as if a minute had passed
     store.clock()
-    assert store._clock_at > measured_at - 61.0
+    assert store._clock_at == measured_at - 61.0  # not on the loop
+    await store.call(store.schema_version)
+    assert store._clock_at > measured_at - 61.0  # but in the call's thread
+    measured_at = store._clock_at = store._clock_at - 121.0  # no call for two minutes
+    store.clock()
+    assert store._clock_at > measured_at
     store.close()
 
 
