@@ -13,7 +13,6 @@ import email.utils
 import ipaddress
 import logging
 import math
-import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +26,7 @@ import yarl
 from . import signing
 from .config import Settings
 from .errors import StorageUnavailable
+from .handlers import JITTER
 from .runner import pause_after_error
 from .store import Store
 
@@ -158,7 +158,7 @@ def next_delay(schedule: tuple[float, ...], attempt_number: int, retry_after: fl
     shorter than what the receiver asked for. A delivery made under a longer schedule
     (before a restart with a shorter one) keeps the new schedule's last delay."""
     step = schedule[min(attempt_number, len(schedule) - 1)]
-    return max(step * random.uniform(0.8, 1.2), retry_after)
+    return max(step * JITTER.uniform(0.8, 1.2), retry_after)
 
 
 class Deliverer:

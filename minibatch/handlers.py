@@ -24,6 +24,10 @@ from .store import Claimed, Outcome, error_bytes
 DEFAULT_ASYNC_CONCURRENCY = 16
 DEFAULT_SYNC_CONCURRENCY = 4
 MAX_RETRY_AFTER_S = 86400.0
+# The jitter of retry and webhook delays, drawn from a generator of minibatch's own: the
+# global one is the application's (a seed it set for its own ends must not shift with our
+# retries, nor ours with its draws).
+JITTER = random.Random()
 
 
 class Handler:
@@ -100,7 +104,7 @@ class Registry:
 
 def backoff(attempt: int, base: float, cap: float) -> float:
     """About `base` seconds, doubling per attempt, capped, with +-20 % jitter."""
-    return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+    return min(cap, base * 2 ** (attempt - 1)) * JITTER.uniform(0.8, 1.2)
 
 
 class _Overran(Exception):

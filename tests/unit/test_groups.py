@@ -185,13 +185,10 @@ async def test_a_group_with_items_of_two_batches_runs_on_when_one_is_cancelled(d
         await release.wait()
         return [i.input for i in items]
 
+    # Both batches wait in the queue before the runner starts, which claims them together.
+    a = await mb.submit("g", [{"input": i} for i in range(3)])
+    b = await mb.submit("g", [{"input": i} for i in range(3)])
     async with mb:
-        # Both batches wait in the queue before the runner claims them, together.
-        mb.runner.stopping = True
-        a = await mb.submit("g", [{"input": i} for i in range(3)])
-        b = await mb.submit("g", [{"input": i} for i in range(3)])
-        mb.runner.stopping = False
-        mb.runner.notify("g")
         with anyio.fail_after(10):
             await started.wait()
         await mb.cancel(a.id)
