@@ -137,7 +137,13 @@ async def test_recover_takes_back_the_items_of_dead_processes_of_this_host_only(
     clock = [T0]
     store, runner, _, batch_id = build(db_path, clock, items=6, claim_size=1)
     host, me = socket.gethostname(), os.getpid()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Every signal at its default (not as inherited: nohup ignores SIGHUP), so that any
+    # signal but 0 would end it.
+    live = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                             "for s in signal.valid_signals():\n"
+                             "    try: signal.signal(s, signal.SIG_DFL)\n"
+                             "    except (OSError, ValueError): pass\n"
+                             "time.sleep(60)"])
     try:
         owners = {
             "dead, a lower pid": (f"{host}:{dead_pid(below=me)}:abcd", "queued"),
@@ -737,13 +743,18 @@ async def test_the_heartbeat_beats_more_than_twice_a_lease(db_path, monkeypatch)
     store.close()
 
 
-async def test_a_heartbeat_the_store_was_too_busy_for_is_tried_again_at_once(db_path,
-                                                                            monkeypatch):
+@pytest.mark.parametrize(("fault", "pause"), [
+    (StoreBusy("locked"), minibatch.runner.BUSY_RETRY_S),
+    (RuntimeError("a bad row"), minibatch.runner.LOOP_ERROR_PAUSE_S),
+], ids=["busy", "error"])
+async def test_a_heartbeat_the_store_was_too_busy_for_is_tried_again_at_once(
+        db_path, monkeypatch, fault, pause):
     """Another process held the write lock: the beat is retried in a moment, not a third
-    of a lease later (two busy beats in a row would be as good as a lapsed lease)."""
+    of a lease later (two busy beats in a row would be as good as a lapsed lease). Any
+    other fault is logged, and the heartbeat beats on after a pause."""
     clock = [T0]
     store, runner, _, _ = build(db_path, clock, lease_s=3.0)
-    real, busy = store.leases_extend, [StoreBusy("locked")]
+    real, busy = store.leases_extend, [fault]
 
     def extend(*args, **kwargs):
         if busy:
@@ -757,8 +768,33 @@ async def test_a_heartbeat_the_store_was_too_busy_for_is_tried_again_at_once(db_
     monkeypatch.setattr(minibatch.runner, "anyio", sleeps)
     with pytest.raises(Stop):
         await runner.heartbeat()
-    assert not busy and beats == [2]  # the busy beat, then the one that landed
-    assert sleeps.delays == [1.0, minibatch.runner.BUSY_RETRY_S, 1.0]
+    # busy: that beat, then the one that landed; an error: the next beat comes a third
+    # of a lease after the pause
+    assert not busy and beats == [2 if isinstance(fault, StoreBusy) else 1]
+    assert sleeps.delays == [1.0, pause, 1.0]
+    store.close()
+
+
+async def test_a_claimer_the_store_was_too_busy_for_claims_again_in_a_moment(
+        db_path, monkeypatch):
+    clock = [T0]
+    store, runner, pool, _ = build(db_path, clock, items=3, poll_interval_s=60)
+    real, busy = store.items_claim, [StoreBusy("locked")]
+
+    def claim(*args, **kwargs):
+        if busy:
+            raise busy.pop()
+        return real(*args, **kwargs)
+
+    store.items_claim = claim
+    sleeps = Sleeps()
+    monkeypatch.setattr(minibatch.runner, "anyio", sleeps)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.claimer, pool)
+        await until(lambda: pool.ready)
+        tg.cancel_scope.cancel()
+    assert len(pool.ready) == 3 and not busy
+    assert sleeps.delays[0] == minibatch.runner.BUSY_RETRY_S
     store.close()
 
 
