@@ -444,6 +444,31 @@ async def test_after_close_nothing_is_claimed_or_sent(db_path):
     store.close()
 
 
+@pytest.mark.parametrize("failing", ["deliveries_record", "deliveries_claim"])
+async def test_a_claim_pass_keeps_the_attempts_it_could_not_record_and_only_those(
+        db_path, failing):
+    """A claim pass records the attempts gathered first (a 410 among them ends other
+    deliveries it must not send). If that write fails they are kept for the next pass;
+    if only the claim after it fails they were written, and are not written again."""
+    store, clock = open_store(db_path), [T0]
+    with Gated() as rx:
+        batch_seq = due_deliveries(store, 1, rx.url)
+        async with sending(store, clock) as d:
+            assert await d.deliver_once() == 1
+            await until(lambda: d.records)
+            writes = calls_of(store, "deliveries_record")
+            calls_of(store, failing, StorageUnavailable("disk I/O error"))
+            with pytest.raises(StorageUnavailable):
+                await d.deliver_once()
+            assert len(d.records) == (1 if failing == "deliveries_record" else 0)
+            assert await d.deliver_once() == 0
+            assert not d.records
+    [delivery] = deliveries(store, batch_seq)
+    assert delivery.status == "succeeded" and delivery.attempt_count == 1
+    assert len(writes) == 1  # the attempt reached the store once (a failed write does not)
+    store.close()
+
+
 # -- the loops: errors, pauses ----------
 
 
