@@ -160,6 +160,13 @@ class StoreBase:
         """Every row of a read; typed Any, as columns hold what the schema says."""
         return self.conn.execute(sql, tuple(args)).fetchall()
 
+    def _update_many(self, cur: apsw.Cursor, sql: str, rows: list[tuple]) -> int:
+        """`sql` once per row, in the caller's transaction; how many rows it changed in
+        all (`changes()` after an executemany counts its last statement only)."""
+        before = self.conn.total_changes()
+        cur.executemany(sql, rows)
+        return self.conn.total_changes() - before
+
     if TYPE_CHECKING:
         # What one noun's queries call of another's, within the caller's transaction;
         # `Store` combines the files that define them.

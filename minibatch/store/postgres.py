@@ -305,6 +305,10 @@ class PostgresBase:
     def _all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
         return self.conn.execute(sql, tuple(args)).rows
 
+    def _update_many(self, cur: Any, sql: str, rows: list[tuple]) -> int:
+        cur.executemany(sql, rows)
+        return self.conn.changes()  # psycopg's rowcount sums an executemany's statements
+
     # -- the schema ----------
 
     def schema_version(self) -> int:

@@ -111,3 +111,23 @@ def test_a_fair_claim_is_one_transaction_with_one_lease_token(db_path):
     for batch in store.batches_list(None, status=None, limit=10, after=None)[0]:
         assert (batch.status, batch.metrics.running, batch.metrics.queued) == \
             ("running", 20, 30)
+
+
+@pytest.mark.sqlite_only
+def test_a_claim_that_could_not_take_every_item_it_read_changes_nothing(db_path):
+    """The claim reads the queued items, then marks them running without reading them
+    again. Should one of them not change (here a trigger skips its row), the claim is
+    undone rather than hand out an item its row does not say is running."""
+    store = open_store(db_path)
+    seq = submit(store, 3)
+    store.conn.execute(
+        "CREATE TEMP TRIGGER skip_one BEFORE UPDATE OF status ON items"
+        " WHEN new.status = 'running' AND old.idx = 1 BEGIN SELECT RAISE(IGNORE); END")
+    with pytest.raises(RuntimeError, match="claimed 2 of 3 items"):
+        store.items_claim("k", 10, "o", T0, lease_s=30)
+    assert store.conn.execute("SELECT status, attempts, lease_owner FROM items ORDER BY idx"
+                              ).fetchall() == [("queued", 0, None)] * 3
+    assert store.conn.execute("SELECT queued, running, status, claim_turn FROM batches"
+                              " WHERE seq=?", (seq,)).fetchall() == [(3, 0, "queued", None)]
+    store.conn.execute("DROP TRIGGER skip_one")
+    assert len(store.items_claim("k", 10, "o", T0, lease_s=30)) == 3

@@ -33,6 +33,29 @@ def test_completion_from_a_lost_lease_is_discarded(db_path):
     assert store.results_page(second.batch_seq, -1, 10)[0][4] == b'"ok"'
 
 
+def test_a_write_of_outcomes_with_one_lease_lost_applies_and_counts_only_the_others(db_path):
+    """One write of three outcomes, one of whose leases another owner holds now: the two
+    still held are written and counted once each, the lost one changes nothing."""
+    store = open_store(db_path)
+    batch_id = make_batch(store, n=3)
+    [lost] = store.items_claim("k", 1, "owner-a", T0, lease_s=10)
+    held = store.items_claim("k", 2, "owner-a", T0 + 5, lease_s=30)
+    assert store.items_rescue(T0 + 11) == 1  # only the first claim's lease has lapsed
+    [again] = store.items_claim("k", 10, "owner-b", T0 + 12, lease_s=30)
+    assert again.seq == lost.seq
+    outcomes = [Outcome(c.seq, c.batch_seq, c.token, "succeeded", b'"a"', None, 0.0)
+                for c in (lost, *held)]
+    assert store.items_finish(outcomes, "owner-a", T0 + 13) == 2
+    m = store.batch_get(batch_id).metrics
+    assert (m.succeeded, m.running, m.queued) == (2, 1, 0)
+    rows = {r[1]: r for r in store.results_page(lost.batch_seq, -1, 10)}
+    assert lost.seq not in rows and all(rows[c.seq][4] == b'"a"' for c in held)
+    mine = Outcome(again.seq, again.batch_seq, again.token, "succeeded", b'"b"', None, 0.0)
+    assert store.items_finish([mine], "owner-b", T0 + 14) == 1
+    batch = store.batch_get(batch_id)
+    assert batch.status == "completed" and batch.metrics.succeeded == 3
+
+
 def test_rescue_counts_the_attempt_and_fails_past_max_attempts(db_path):
     store = open_store(db_path)
     batch_id = make_batch(store, n=1, max_attempts=2)

@@ -324,7 +324,7 @@ def test_a_batch_whose_slots_are_full_is_not_asked_again_in_the_same_claim(db_pa
     asked: list[int] = []
 
     def trace(cursor, sql: str, bindings) -> bool:
-        if sql.startswith("SELECT seq FROM items WHERE batch=?"):
+        if sql.startswith("SELECT seq, batch, idx, entry_id, input, metadata, attempts"):
             asked.append(bindings[0])
         return True
 
