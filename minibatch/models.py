@@ -50,8 +50,9 @@ def too_deep(data: bytes, limit: int = MAX_NESTING) -> bool:
     """True if JSON `data` nests arrays/objects deeper than `limit`.
 
     Counting brackets first keeps the common case in C: fewer than `limit` of them
-    cannot nest that deep."""
-    if data.count(b"[") + data.count(b"{") <= limit:
+    cannot nest that deep; nor can fewer bytes, which is cheaper still to see (this runs
+    twice for every item, on its input and its output)."""
+    if len(data) <= limit or data.count(b"[") + data.count(b"{") <= limit:
         return False
     depth, in_string, escaped = 0, False, False
     for byte in data:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,11 +16,11 @@ from .base import StoreBase
 from .rows import (
     BATCH_COLS,
     BatchRow,
-    as_item_in,
     batch_struct,
     encode,
     error_bytes,
     event_payload,
+    items_in,
     new_id,
 )
 
@@ -130,32 +131,29 @@ class BatchQueries(StoreBase):
                              items: Iterable[Any], now: float) -> int:
         seen: set[str] = set()
         index = 0
-        chunk: list[tuple] = []
-        for raw in items:
-            item = as_item_in(raw, index)
-            if item.entry_id is not None:
-                if item.entry_id in seen:
+        rest = iter(items)
+        while raws := list(itertools.islice(rest, CHUNK)):
+            chunk: list[tuple] = []
+            for item in items_in(raws, index):
+                if item.entry_id is not None:
+                    if item.entry_id in seen:
+                        raise InvalidInput(
+                            f"duplicate entry_id {item.entry_id!r} at item {index}",
+                            [{"field": f"items[{index}].entry_id", "message": "duplicate"}])
+                    seen.add(item.entry_id)
+                try:
+                    encoded = encode(item.input)
+                    meta = None if item.metadata is None else encode(item.metadata)
+                except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
+                    raise InvalidInput(  # ValueError: an int past 4,300 digits
+                        f"item {index} is not JSON-encodable: {exc}",
+                        [{"field": f"items[{index}].input", "message": str(exc)}]) from None
+                if too_deep(encoded) or (meta is not None and too_deep(meta)):
                     raise InvalidInput(
-                        f"duplicate entry_id {item.entry_id!r} at item {index}",
-                        [{"field": f"items[{index}].entry_id", "message": "duplicate"}])
-                seen.add(item.entry_id)
-            try:
-                encoded = encode(item.input)
-                meta = None if item.metadata is None else encode(item.metadata)
-            except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
-                raise InvalidInput(  # ValueError: an int past 4,300 digits
-                    f"item {index} is not JSON-encodable: {exc}",
-                    [{"field": f"items[{index}].input", "message": str(exc)}]) from None
-            if too_deep(encoded) or (meta is not None and too_deep(meta)):
-                raise InvalidInput(
-                    f"item {index} nests deeper than {MAX_NESTING} levels",
-                    [{"field": f"items[{index}]", "message": "nested too deeply"}])
-            chunk.append((seq, index, kind, item.entry_id, encoded, meta, now))
-            index += 1
-            if len(chunk) >= CHUNK:
-                self._items_write(cur, chunk)
-                chunk = []
-        if chunk:
+                        f"item {index} nests deeper than {MAX_NESTING} levels",
+                        [{"field": f"items[{index}]", "message": "nested too deeply"}])
+                chunk.append((seq, index, kind, item.entry_id, encoded, meta, now))
+                index += 1
             self._items_write(cur, chunk)
         return index
 

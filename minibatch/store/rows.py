@@ -4,6 +4,7 @@ the conversions from rows to the public Structs."""
 from __future__ import annotations
 
 import secrets as pysecrets
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -145,6 +146,16 @@ def sanitize_url(url: str) -> str:
     netloc = host + (f":{parts.port}" if parts.port else "")
     query = urlencode([(k, "") for k, _ in parse_qsl(parts.query, keep_blank_values=True)])
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def items_in(raws: list[Any], start: int) -> Iterable[models.ItemIn]:
+    """Items `start`, `start + 1`, ... of a submit as ItemIn, converted in one call (a
+    fifth of the time of one call each). If one does not convert, each is converted as
+    it is reached, so the first error by index is the one raised, whatever its kind."""
+    try:
+        return msgspec.convert(raws, list[models.ItemIn])
+    except msgspec.ValidationError:
+        return (as_item_in(raw, start + i) for i, raw in enumerate(raws))
 
 
 def as_item_in(raw: Any, index: int) -> models.ItemIn:
