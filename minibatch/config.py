@@ -32,7 +32,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_format: Literal["text", "json"] = "text"  # how `serve` writes its log lines
     # Items
     lease_s: float = 30.0
-    claim_size: int = 100
+    claim_size: int = 500  # at most; a kind claims only as many as it has room for
     poll_interval_s: float = 0.2
     # PostgreSQL: a submit wakes every process's claimers by LISTEN/NOTIFY; off, they
     # poll only (PgBouncer in transaction mode drops LISTEN)
