@@ -16,6 +16,14 @@ and the runs do not disturb each other):
   complete items/s (the insert is timed separately) and the ratio minibatch / ceiling.
   `ceiling-1st` is the same with the claim as one `UPDATE … IN (SELECT … LIMIT) RETURNING`,
   the statement behind the ~165k figure in MEASURED.md.
+* `--workers N` (N > 1): the same two minibatch runs (`minibatch-wN`, `mb-group-wN`)
+  with the items in N worker processes on one SQLite file: a submitting process (its
+  handlers not started) and N processes running `async with mb`, each set as
+  `serve --workers N` sets its workers (no waiting for the write lock, outcomes written
+  at most every 10 ms, no webhooks or pruning). The workers are started and ready
+  before the clock starts; they poll every 20 ms, since SQLite tells no other process of
+  a submit (the default is 0.2 s). Reported the same way, from the submit until the batch
+  is terminal, and each process's own CPU and peak RSS.
 * `--peer huey`: the same no-op workload through huey's SqliteHuey with
   `synchronous=NORMAL` (equal durability to minibatch; huey defaults to FULL), a task
   returning 1 so that a result is stored, and a consumer with 4 worker threads.
@@ -23,10 +31,13 @@ and the runs do not disturb each other):
   the first enqueue until every result is stored, as minibatch's runs from the submit.
   Reported: tasks/s and the ratio minibatch / huey.
 
+Every line shows the CPU its process spent (user + system, from the clock's start to its
+end) and that CPU per item, so the cost of an item is visible beside the rate.
+
 Reference figures and goals: /work/shared/MEASURED.md (minibatch should reach at least half
 the ceiling and 10x huey measured in the same run).
 
-    .venv/bin/python bench/throughput.py --ceiling --peer huey
+    .venv/bin/python bench/throughput.py --ceiling --peer huey --workers 2
 """
 
 from __future__ import annotations
@@ -42,7 +53,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-GROUP = 100  # rows claimed and completed per transaction in the ceiling
+GROUP = 100  # rows claimed and completed per transaction in the ceiling; a group's size
+WORKER_POLL_S = 0.02  # how often a worker process looks for new items (see --workers)
 RESULT_BLOB = b'{"ok":true}'
 HUEY_WORKERS = 4
 # minibatch / system, from shared/MEASURED.md. "ceiling" claims with a SELECT then an
@@ -59,6 +71,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_s() -> float:
+    """CPU this process has spent so far, user and system, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def emit(figures: dict[str, Any]) -> None:
     """Print the child's figures as the single JSON line the parent reads."""
     figures["peak_rss_mib"] = round(peak_rss_mib(), 1)
@@ -72,49 +90,140 @@ def items_of(n: int) -> Iterator[dict[str, int]]:
     return ({"input": i} for i in range(n))
 
 
-async def minibatch_run(path: str, n: int, timeout: float, group: int | None = None
-                        ) -> dict[str, Any]:
+def minibatch_with_noop(path: str, group: bool, **settings: Any) -> Any:
+    """A Minibatch on `path` with the no-op handler, one item a call or GROUP a call;
+    it counts the items it ran (`.ran`)."""
     import minibatch
 
-    mb = minibatch.Minibatch(path)
-    if group is None:
+    mb = minibatch.Minibatch(path, **settings)
+    mb.ran = 0
+    if not group:
         @mb.handler("noop", concurrency=200)
         async def noop(item: Any) -> None:
-            return None
+            mb.ran += 1
     else:
-        @mb.handler("noop", concurrency=4, group=group)
+        @mb.handler("noop", concurrency=4, group=GROUP)
         async def noop_group(items: list[Any]) -> list[None]:
+            mb.ran += len(items)
             return [None] * len(items)
+    return mb
 
-    try:
-        async with mb:
-            start = time.perf_counter()
-            batch = await mb.submit("noop", items_of(n))
-            submitted = time.perf_counter()
-            batch = await mb.wait(batch.id, poll_s=0.01, timeout=timeout)
-            end = time.perf_counter()
-    finally:
-        mb.close()
+
+def check_completed(batch: Any, n: int) -> None:
     if batch.status != "completed" or batch.metrics.succeeded != n:
         raise SystemExit(f"minibatch: batch ended {batch.status!r} with metrics "
                          f"{batch.metrics!r}, expected completed with {n} succeeded")
+
+
+async def minibatch_run(path: str, n: int, timeout: float, group: bool) -> dict[str, Any]:
+    mb = minibatch_with_noop(path, group)
+    try:
+        async with mb:
+            cpu, start = cpu_s(), time.perf_counter()
+            batch = await mb.submit("noop", items_of(n))
+            submitted = time.perf_counter()
+            batch = await mb.wait(batch.id, poll_s=0.01, timeout=timeout)
+            end, cpu = time.perf_counter(), cpu_s() - cpu
+    finally:
+        mb.close()
+    check_completed(batch, n)
     return {"items": n, "submit_s": submitted - start, "total_s": end - start,
-            "rate": n / (end - start)}
+            "rate": n / (end - start), "cpu_s": cpu}
 
 
-def child_minibatch(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
+def child_minibatch(n: int, args: argparse.Namespace) -> dict[str, Any]:
     import anyio
 
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        return anyio.run(minibatch_run, os.path.join(tmp, "bench.db"), n, timeout)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        return anyio.run(minibatch_run, os.path.join(tmp, "bench.db"), n, args.timeout,
+                         False)
 
 
-def child_minibatch_group(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
-    """The same no-op items through a handler that takes them 100 at a time."""
+def child_minibatch_group(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same no-op items through a handler that takes them GROUP at a time."""
     import anyio
 
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        return anyio.run(minibatch_run, os.path.join(tmp, "bench.db"), n, timeout, GROUP)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        return anyio.run(minibatch_run, os.path.join(tmp, "bench.db"), n, args.timeout,
+                         True)
+
+
+# -- minibatch in worker processes (--workers N) ----------
+
+
+async def worker_run(path: str, group: bool, timeout: float) -> dict[str, Any]:
+    """One worker process: ready, then the batch id on stdin, then run items until the
+    batch is terminal. Reports its CPU and items from the id's arrival to the end."""
+    import anyio
+
+    from minibatch.workers import WRITE_GAP_S
+
+    mb = minibatch_with_noop(path, group, poll_interval_s=WORKER_POLL_S)
+    mb.delivers = mb.prunes = False  # as in serve's workers (see minibatch/workers.py)
+    try:
+        async with mb:
+            mb.store.wait_for_lock(False)
+            mb.runner.write_gap_s = WRITE_GAP_S
+            print("ready", flush=True)
+            batch_id = (await anyio.to_thread.run_sync(sys.stdin.readline)).strip()
+            cpu = cpu_s()
+            await mb.wait(batch_id, poll_s=0.01, timeout=timeout)
+            cpu = cpu_s() - cpu
+    finally:
+        mb.close()
+    return {"ran": mb.ran, "cpu_s": cpu}
+
+
+def child_worker(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    import anyio
+
+    return anyio.run(worker_run, args.db, args.group, args.timeout)
+
+
+async def workers_run(path: str, n: int, args: argparse.Namespace, group: bool
+                      ) -> dict[str, Any]:
+    """Start args.workers worker processes on `path`, submit from this one, and time the
+    batch from the submit until it is terminal."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "mb-worker", "--db", path,
+           "--timeout", str(args.timeout)] + (["--group"] if group else [])
+    mb = minibatch_with_noop(path, group)  # makes the schema; its handlers never start
+    workers = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True) for _ in range(args.workers)]
+    try:
+        for w in workers:
+            if w.stdout.readline().strip() != "ready":
+                raise SystemExit(f"a worker did not start (exit {w.wait()})")
+        cpu, start = cpu_s(), time.perf_counter()
+        batch = await mb.submit("noop", items_of(n))
+        submitted = time.perf_counter()
+        for w in workers:
+            w.stdin.write(batch.id + "\n")
+            w.stdin.flush()
+        batch = await mb.wait(batch.id, poll_s=0.01, timeout=args.timeout)
+        end, cpu = time.perf_counter(), cpu_s() - cpu
+        ends = [json.loads(w.communicate(timeout=args.timeout)[0].splitlines()[-1])
+                for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+        mb.close()
+    check_completed(batch, n)
+    if sum(e["ran"] for e in ends) != n:
+        raise SystemExit(f"workers ran {[e['ran'] for e in ends]} items, expected {n}")
+    return {"items": n, "submit_s": submitted - start, "total_s": end - start,
+            "rate": n / (end - start), "cpu_s": cpu, "workers": ends}
+
+
+def child_workers(n: int, args: argparse.Namespace, group: bool = False) -> dict[str, Any]:
+    import anyio
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        return anyio.run(workers_run, os.path.join(tmp, "bench.db"), n, args, group)
+
+
+def child_workers_group(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    return child_workers(n, args, group=True)
 
 
 # -- the raw apsw ceiling ----------
@@ -173,25 +282,25 @@ def ceiling_complete(cur: Any, ids: list[int]) -> None:
     cur.execute("COMMIT")
 
 
-def child_ceiling(n: int, timeout: float, workdir: str | None,
+def child_ceiling(n: int, args: argparse.Namespace,
                   claim: Any = ceiling_claim) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         conn = ceiling_open(os.path.join(tmp, "ceiling.db"))
         start = time.perf_counter()
         ceiling_insert(conn, n)
-        inserted = time.perf_counter()
+        cpu, inserted = cpu_s(), time.perf_counter()
         cur = conn.cursor()
         while ids := claim(cur):
             ceiling_complete(cur, ids)
-            if time.perf_counter() - inserted > timeout:
-                raise SystemExit(f"ceiling: not done after {timeout} s")
-        end = time.perf_counter()
+            if time.perf_counter() - inserted > args.timeout:
+                raise SystemExit(f"ceiling: not done after {args.timeout} s")
+        end, cpu = time.perf_counter(), cpu_s() - cpu
         done = conn.execute("SELECT count(*) FROM jobs WHERE status='done'").fetchall()[0][0]
         conn.close()
     if done != n:
         raise SystemExit(f"ceiling: {done} rows done, expected {n}")
     return {"items": n, "insert_s": inserted - start, "total_s": end - inserted,
-            "rate": n / (end - inserted)}
+            "rate": n / (end - inserted), "cpu_s": cpu}
 
 
 # -- huey ----------
@@ -212,15 +321,16 @@ def huey_instance(path: str) -> Any:
     return SqliteHuey("bench", filename=path, storage_class=NormalSyncStorage)
 
 
-def child_huey(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+def child_huey(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    timeout = args.timeout
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         huey = huey_instance(os.path.join(tmp, "huey.db"))
 
         @huey.task()
         def noop(i: int) -> int:
             return 1
 
-        start = time.perf_counter()
+        cpu, start = cpu_s(), time.perf_counter()
         for i in range(n):
             noop(i)
         enqueued = time.perf_counter()
@@ -233,22 +343,23 @@ def child_huey(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
                     raise SystemExit(f"huey: {huey.result_count()} of {n} results "
                                      f"after {timeout} s")
                 time.sleep(0.01)
-            end = time.perf_counter()
+            end, cpu = time.perf_counter(), cpu_s() - cpu
         finally:
             consumer.stop(graceful=True)
         huey.storage.close()
     # End to end like minibatch's figure (enqueue -> every result stored): the same
     # definition for both, so the ratio compares like with like.
     return {"items": n, "enqueue_s": enqueued - start, "total_s": end - start,
-            "rate": n / (end - start)}
+            "rate": n / (end - start), "cpu_s": cpu}
 
 
-def child_ceiling_one_statement(n: int, timeout: float, workdir: str | None) -> dict[str, Any]:
-    return child_ceiling(n, timeout, workdir, claim=ceiling_claim_one_statement)
+def child_ceiling_one_statement(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    return child_ceiling(n, args, claim=ceiling_claim_one_statement)
 
 
 CHILDREN = {"minibatch": child_minibatch, "mb-group": child_minibatch_group,
-            "ceiling": child_ceiling,
+            "mb-workers": child_workers, "mb-group-workers": child_workers_group,
+            "mb-worker": child_worker, "ceiling": child_ceiling,
             "ceiling-1st": child_ceiling_one_statement, "huey": child_huey}
 
 
@@ -258,7 +369,7 @@ CHILDREN = {"minibatch": child_minibatch, "mb-group": child_minibatch_group,
 def run_child(system: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Run one system in a fresh interpreter and return the figures it printed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--items", str(n),
-           "--timeout", str(args.timeout)]
+           "--timeout", str(args.timeout), "--workers", str(args.workers)]
     if args.dir:
         cmd += ["--dir", args.dir]
     try:
@@ -277,24 +388,35 @@ def report(system: str, r: dict[str, Any]) -> None:
                        ("enqueue_s", "enqueue")):
         if key in r:
             extra = f" ({label} {r[key]:.2f} s, timed apart)"
-    print(f"{system:<10} {r['items']:>8} items in {r['total_s']:6.2f} s = "
-          f"{r['rate']:>9,.0f} items/s{extra}, peak RSS {r['peak_rss_mib']:.0f} MiB",
-          flush=True)
+    print(f"{system:<16} {r['items']:>8} items in {r['total_s']:6.2f} s = "
+          f"{r['rate']:>9,.0f} items/s{extra}, {cpu_line(r['cpu_s'], r['items'])},"
+          f" peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    for i, w in enumerate(r.get("workers", []), start=1):
+        print(f"{'':<16}   worker {i}: {w['ran']:>8} items, {cpu_line(w['cpu_s'], w['ran'])},"
+              f" peak RSS {w['peak_rss_mib']:.0f} MiB", flush=True)
+
+
+def cpu_line(cpu: float, items: int) -> str:
+    per_item = f"{cpu / items * 1e6:.1f} us/item" if items else "no items"
+    return f"CPU {cpu:.2f} s ({per_item})"
 
 
 def table(results: dict[str, dict[str, Any]]) -> None:
     mb = results["minibatch"]["rate"]
     print()
-    print(f"| {'system':<10} | {'items':>8} | {'items/s':>9} | {'minibatch / it':>14} "
-          f"| {'peak RSS MiB':>12} |")
-    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 16}|{'-' * 14}|")
+    print(f"| {'system':<16} | {'items':>8} | {'items/s':>9} | {'minibatch / it':>14} "
+          f"| {'CPU us/item':>11} | {'peak RSS MiB':>12} |")
+    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 11}|{'-' * 16}|{'-' * 13}|{'-' * 14}|")
     for system, r in results.items():
         ratio = "" if system == "minibatch" else f"{mb / r['rate']:.2f}x"
-        print(f"| {system:<10} | {r['items']:>8} | {r['rate']:>9,.0f} | {ratio:>14} "
-              f"| {r['peak_rss_mib']:>12.0f} |")
+        cpu = r["cpu_s"] + sum(w["cpu_s"] for w in r.get("workers", []))
+        rss = max([r["peak_rss_mib"]] + [w["peak_rss_mib"] for w in r.get("workers", [])])
+        print(f"| {system:<16} | {r['items']:>8} | {r['rate']:>9,.0f} | {ratio:>14} "
+              f"| {cpu / r['items'] * 1e6:>11.1f} | {rss:>12.0f} |")
+    print("(CPU: every process of the system; peak RSS: its largest process)")
     print(f"\nminibatch submit: {results['minibatch']['submit_s']:.2f} s of "
           f"{results['minibatch']['total_s']:.2f} s end to end")
-    for who in ("minibatch", "mb-group"):
+    for who in (s for s in results if s.startswith(("minibatch", "mb-group"))):
         for system, goal in GOALS.items():
             if system in results:
                 ratio = results[who]["rate"] / results[system]["rate"]
@@ -317,26 +439,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds one system may take before the run fails (default 60)")
     p.add_argument("--dir", default=None,
                    help="directory for the temporary databases (default: the system's)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="also run minibatch's items in this many worker processes (> 1)")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--db", help=argparse.SUPPRESS)  # a worker's database
+    p.add_argument("--group", action="store_true", help=argparse.SUPPRESS)  # its handler
     args = p.parse_args(argv)
-    if args.items <= 0 or args.huey_items <= 0:
-        p.error("--items and --huey-items must be > 0")
+    if args.items <= 0 or args.huey_items <= 0 or args.workers <= 0:
+        p.error("--items, --huey-items and --workers must be > 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        emit(CHILDREN[args.child](args.items, args.timeout, args.dir))
+        emit(CHILDREN[args.child](args.items, args))
         return
     plan = [("minibatch", args.items), ("mb-group", args.items)]
+    if args.workers > 1:
+        plan += [("mb-workers", args.items), ("mb-group-workers", args.items)]
     if args.ceiling:
         plan += [("ceiling", args.items), ("ceiling-1st", args.items)]
     if "huey" in args.peer:
         plan.append(("huey", args.huey_items))
     results: dict[str, dict[str, Any]] = {}
-    for system, n in plan:
-        results[system] = run_child(system, n, args)
+    for child, n in plan:
+        system = child.replace("-workers", f"-w{args.workers}").replace("mb-w", "minibatch-w")
+        results[system] = run_child(child, n, args)
         report(system, results[system])
     table(results)
 
