@@ -15,8 +15,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import NamedTuple
 
 import aiohttp
@@ -172,7 +171,10 @@ class Deliverer:
         self.slot_free = anyio.Event()
         self.session: aiohttp.ClientSession | None = None
         self.closing = False
-        self._in_store: anyio.Event | None = None  # a store call under way; set at its end
+        # The deliverer's store calls one at a time: a claim must come after every attempt
+        # recorded before it (a 410 ends other deliveries to its URL), as it did when the
+        # calls ran on the loop. Taken at once when free.
+        self._store_turn = anyio.Lock(fast_acquire=True)
 
     async def run(self, task_group: anyio.abc.TaskGroup) -> None:
         s = self.settings
@@ -250,7 +252,7 @@ class Deliverer:
                     active[owner] = store.secrets_active(owner[0], now, owner[1])
             return due, active
 
-        async with self._store_turn():
+        async with self._store_turn:
             records, self.records = self.records, []
             try:
                 due, active = await self.store.call(claim, records, self.now())
@@ -267,20 +269,6 @@ class Deliverer:
             self.in_flight += 1
             self._sends.start_soon(self._send, row, *keys_of[row[2], row[9]])
         return len(due)
-
-    @asynccontextmanager
-    async def _store_turn(self) -> AsyncIterator[None]:
-        """The deliverer's store calls one at a time: a claim must come after every
-        attempt recorded before it (a 410 ends other deliveries to its URL), as it did
-        when the calls ran on the loop. Free, the turn is taken without suspending."""
-        while self._in_store is not None:
-            await self._in_store.wait()
-        self._in_store = ended = anyio.Event()
-        try:
-            yield
-        finally:
-            self._in_store = None
-            ended.set()
 
     # -- one attempt ----------
 
@@ -359,7 +347,7 @@ class Deliverer:
     async def _flush(self) -> None:
         """Record the attempts gathered so far; those of a failed write go back before
         the ones gathered meanwhile."""
-        async with self._store_turn():
+        async with self._store_turn:
             if self.records:
                 records, self.records = self.records, []
                 try:

@@ -135,7 +135,8 @@ class Runner:
         self.write_gap_s = 0.0
         self._calls = 0  # store calls under way that began before `stopping` (`_call`)
         self._calls_ended = anyio.Event()  # set when `_calls` drops to 0
-        self._writing: anyio.Event | None = None  # a write of outcomes under way; set at its end
+        # One write of outcomes at a time (complete_once); taken at once when free.
+        self._writing = anyio.Lock(fast_acquire=True)
 
     # -- start and stop ----------
 
@@ -457,22 +458,17 @@ class Runner:
         every outcome gathered before it is written before drain hands the items back.
         Outcomes gathered during a write wait for the next; a failed write's go back
         before them."""
-        while self._writing is not None:
-            await self._writing.wait()
-        if not self.outcomes:
-            return 0
-        outcomes, self.outcomes = self.outcomes, []
-        finished, self.finished = self.finished, set()
-        self._writing = written = anyio.Event()
-        try:
-            await self._call(self.store.items_finish, outcomes, self.owner, self.now())
-        except BaseException:
-            self.outcomes[:0] = outcomes
-            self.finished |= finished
-            raise
-        finally:
-            self._writing = None
-            written.set()
+        async with self._writing:
+            if not self.outcomes:
+                return 0
+            outcomes, self.outcomes = self.outcomes, []
+            finished, self.finished = self.finished, set()
+            try:
+                await self._call(self.store.items_finish, outcomes, self.owner, self.now())
+            except BaseException:
+                self.outcomes[:0] = outcomes
+                self.finished |= finished
+                raise
         for pool in finished:
             pool.wake.set()
         return len(outcomes)

@@ -747,7 +747,7 @@ async def test_the_heartbeat_beats_more_than_twice_a_lease(db_path, monkeypatch)
     (StoreBusy("locked"), minibatch.runner.BUSY_RETRY_S),
     (RuntimeError("a bad row"), minibatch.runner.LOOP_ERROR_PAUSE_S),
 ], ids=["busy", "error"])
-async def test_a_heartbeat_the_store_was_too_busy_for_is_tried_again_at_once(
+async def test_a_failed_heartbeat_beats_again_at_once_if_busy_else_after_a_pause(
         db_path, monkeypatch, fault, pause):
     """Another process held the write lock: the beat is retried in a moment, not a third
     of a lease later (two busy beats in a row would be as good as a lapsed lease). Any
