@@ -8,8 +8,10 @@ and the runs do not disturb each other):
   Reported: items/s from the start of `submit` until every item is terminal, the submit
   time on its own, and the peak RSS of the process. The batch must end `completed` with
   every item succeeded, or the script fails.
-* `--ceiling`: raw apsw on a fresh WAL file (`synchronous=NORMAL`, `temp_store=MEMORY`),
-  no Python work per item. The same number of queued rows is inserted with one
+* `--ceiling`, first `mb-store`: minibatch's store alone, as the runner calls it, with no
+  runner or handler (one submit, then claims of 500 written back at once), timed from
+  the submit as minibatch is. Then raw apsw on a fresh WAL file (`synchronous=NORMAL`,
+  `temp_store=MEMORY`), no Python work per item. The same number of queued rows is inserted with one
   `executemany` in one transaction; then, in groups of 100, one transaction SELECTs the
   ids of queued rows (a partial index on `status='queued'`) and UPDATEs them to running,
   and a second transaction marks them done with a small result blob. Reported: claim +
@@ -228,6 +230,34 @@ def child_workers_group(n: int, args: argparse.Namespace) -> dict[str, Any]:
     return child_workers(n, args, group=True)
 
 
+# -- minibatch's store alone (--ceiling) ----------
+
+
+def child_store(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The store's own calls, as the runner makes them, with no runner or handler: one
+    submit, then claims of 500 each written back at once as succeeded. Between this and
+    `minibatch` is the runner's cost; between this and `ceiling`, the schema's (leases,
+    claim tokens, counters, the indexes the API's pages read) and the store's Python."""
+    from minibatch.store import Outcome, open_store
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        store = open_store(os.path.join(tmp, "store.db"))
+        now = store.clock()
+        cpu, start = cpu_s(), time.perf_counter()
+        row = store.batch_insert(tenant="bench", kind="noop", items=items_of(n), now=now,
+                                 max_attempts=3)
+        inserted = time.perf_counter()
+        while claimed := store.items_claim("noop", 500, "bench", now, 60.0):
+            store.items_finish([Outcome(c.seq, c.batch_seq, c.token, "succeeded", b"null",
+                                        None, 0.0) for c in claimed], "bench", now)
+        end, cpu = time.perf_counter(), cpu_s() - cpu
+        batch = store.batch_get(row.id)
+        store.close()
+    check_completed(batch, n)
+    return {"items": n, "submit_s": inserted - start, "total_s": end - start,
+            "rate": n / (end - start), "cpu_s": cpu}
+
+
 # -- the raw apsw ceiling ----------
 
 
@@ -361,7 +391,7 @@ def child_ceiling_one_statement(n: int, args: argparse.Namespace) -> dict[str, A
 
 CHILDREN = {"minibatch": child_minibatch, "mb-group": child_minibatch_group,
             "mb-workers": child_workers, "mb-group-workers": child_workers_group,
-            "mb-worker": child_worker, "ceiling": child_ceiling,
+            "mb-worker": child_worker, "mb-store": child_store, "ceiling": child_ceiling,
             "ceiling-1st": child_ceiling_one_statement, "huey": child_huey}
 
 
@@ -466,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers > 1:
         plan += [("mb-workers", args.items), ("mb-group-workers", args.items)]
     if args.ceiling:
-        plan += [("ceiling", args.items), ("ceiling-1st", args.items)]
+        plan += [("mb-store", args.items), ("ceiling", args.items),
+                 ("ceiling-1st", args.items)]
     if "huey" in args.peer:
         plan.append(("huey", args.huey_items))
     results: dict[str, dict[str, Any]] = {}
