@@ -5,6 +5,7 @@ from __future__ import annotations
 import apsw
 import pytest
 
+from minibatch.errors import InvalidInput
 from minibatch.store import MIGRATIONS, Outcome, Store, open_store
 
 T0 = 1_000_000.0
@@ -129,6 +130,37 @@ def test_submit_is_one_transaction_with_a_few_executemany_calls(db_path):
     store.conn.exec_trace = None
     assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
     assert store._one("SELECT count(*) FROM items")[0] == 20_000
+
+
+def test_a_submit_refuses_the_first_bad_item_by_index_whatever_is_wrong_with_it(db_path):
+    """Items are converted a chunk at a time; a chunk with a bad item is gone through in
+    order, so a duplicate entry_id before an item that is not a dict is the one named."""
+    store = open_store(db_path)
+    items = [{"input": 0, "entry_id": "a"}, {"input": 1, "entry_id": "a"}, 5]
+    with pytest.raises(InvalidInput, match="duplicate entry_id 'a' at item 1"):
+        store.batch_insert(tenant="a", kind="k", items=items, now=T0, max_attempts=2)
+    with pytest.raises(InvalidInput, match="item 1 must be a dict"):
+        store.batch_insert(tenant="a", kind="k", items=items[:1] + items[2:] + items[1:2],
+                           now=T0, max_attempts=2)
+    assert store._one("SELECT count(*) FROM items")[0] == 0
+
+
+@pytest.mark.sqlite_only
+def test_a_write_of_outcomes_whose_leases_all_hold_is_written_once(db_path):
+    """The common case writes each outcome once, without RETURNING rows: only a write
+    that finds a lease lost is undone and written again."""
+    store = open_store(db_path)
+    make_batch(store, n=5)
+    claimed = store.items_claim("k", 10, "o", T0, lease_s=30)
+    statements = []
+    store.conn.exec_trace = lambda cursor, sql, bindings: statements.append(sql) or True
+    written = store.items_finish([Outcome(c.seq, c.batch_seq, c.token, "succeeded", b"1",
+                                          None, 0.0) for c in claimed], "o", T0 + 1)
+    store.conn.exec_trace = None
+    assert written == 5
+    writes = [sql for sql in statements if sql.startswith("UPDATE items SET status=?")]
+    assert len(writes) == 5 and not any("RETURNING" in sql for sql in writes)
+    assert statements.count("ROLLBACK") == 0
 
 
 def test_fresh_and_upgraded_databases_have_the_same_schema(tmp_path):
