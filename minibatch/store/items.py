@@ -74,7 +74,7 @@ class ItemQueries(StoreBase):
             # Owner and attempt number alone do not name a claim: a handed-back item is
             # claimed again with the same attempt number, maybe by the same owner.
             token = pysecrets.randbits(62)
-            rows = [row for rows in shares.values() for row in rows]
+            rows = [row for picked in shares.values() for row in picked]
             # No RETURNING: the rows were read in this transaction (and on PostgreSQL
             # locked), so each is still queued; a RETURNING cost ~0.4 us an item here.
             cur.execute(
@@ -85,7 +85,7 @@ class ItemQueries(StoreBase):
                 raise RuntimeError(f"claimed {self.conn.changes()} of {len(rows)} items read"
                                    " as queued in the same transaction")
             self._batches_claimed(cur, kind, list(shares),
-                                  {b: len(rows) for b, rows in shares.items()}, now)
+                                  {b: len(picked) for b, picked in shares.items()}, now)
             claimed, unreadable = _claims_of(rows, batches, now, token)
             if unreadable:
                 self._fail_unreadable(cur, unreadable, now)
@@ -137,7 +137,7 @@ class ItemQueries(StoreBase):
                 if len(got) == want and len(taken[b]) < room[b]:
                     next_round.append(b)
             in_play = next_round
-        return {b: seqs for b, seqs in taken.items() if seqs}
+        return {b: picked for b, picked in taken.items() if picked}
 
     def _batches_claimed(self, cur: apsw.Cursor, kind: str, served: list[int],
                          claimed: dict[int, int], now: float) -> None:
